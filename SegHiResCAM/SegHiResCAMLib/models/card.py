@@ -1,0 +1,99 @@
+"""The model card: what a model expects and what it outputs, stored as JSON beside it.
+
+``explain`` on a volume applies the card (spacing, orientation, intensity) so the
+heatmap comes back in the volume's own grid.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelError
+
+INTENSITY_SCHEMES = ("none", "zscore", "ct-window", "minmax", "percentile")
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """Facts about a segmentation model that the explanation needs.
+
+    Attributes:
+        name: display name.
+        spatial_dims: 2 (applied slice by slice) or 3.
+        in_channels: input channels.
+        class_names: one name per output channel (index = class).
+        spacing: voxel size in mm the model was trained at, along I, J, K; None = use as is.
+        orientation: axis code the model expects ("RAS", "LPS", ...); None = use as is.
+        intensity: normalisation, e.g. {"scheme": "zscore"}, {"scheme": "ct-window",
+            "window": [-1000, 1000]}, {"scheme": "minmax"}, {"scheme": "percentile",
+            "lower": 0.5, "upper": 99.5}; {"scheme": "none"} by default.
+        layers: layer names worth explaining, first = default.
+        outputs: "logits" or "probabilities".
+        slice_axis: for 2D models, the array axis (of K, J, I) to slice along.
+        divisible_by: the input's spatial sizes must be multiples of this (padding is added).
+        network: how to build the network: {"name": ..., "args": {...}} (see models.loading).
+        extra: anything else a loader needs (kept verbatim).
+    """
+
+    name: str = "model"
+    spatial_dims: int = 3
+    in_channels: int = 1
+    class_names: tuple[str, ...] = ()
+    spacing: tuple[float, float, float] | None = None
+    orientation: str | None = None
+    intensity: dict[str, Any] = field(default_factory=lambda: {"scheme": "none"})
+    layers: tuple[str, ...] = ()
+    outputs: str = "logits"
+    slice_axis: int = 0
+    divisible_by: int = 1
+    network: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.spatial_dims not in (2, 3):
+            raise ModelError(f"model card: spatial_dims must be 2 or 3, got {self.spatial_dims!r}")
+        if self.outputs not in ("logits", "probabilities"):
+            raise ModelError(f"model card: outputs must be 'logits' or 'probabilities', got {self.outputs!r}")
+        scheme = self.intensity.get("scheme", "none")
+        if scheme not in INTENSITY_SCHEMES:
+            raise ModelError(
+                f"model card: intensity scheme {scheme!r} is unknown; use one of {', '.join(INTENSITY_SCHEMES)}"
+            )
+        object.__setattr__(self, "class_names", tuple(self.class_names))
+        object.__setattr__(self, "layers", tuple(self.layers))
+        if self.spacing is not None:
+            object.__setattr__(self, "spacing", tuple(float(s) for s in self.spacing))
+
+    @property
+    def default_layer(self) -> str | None:
+        return self.layers[0] if self.layers else None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["class_names"] = list(self.class_names)
+        data["layers"] = list(self.layers)
+        if self.spacing is not None:
+            data["spacing"] = list(self.spacing)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelCard":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ModelError(f"model card: unknown keys {unknown}; known keys are {sorted(known)}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelCard":
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise ModelError(f"cannot read the model card {path}: {error}") from error
+        return cls.from_dict(data)
