@@ -1,11 +1,31 @@
-"""Public entry point of the CAM engine (being written: signature is final)."""
+"""The engine's entry points: ``explain`` and ``explain_detailed``.
+
+One forward pass records the graph downstream of the chosen layer(s); one
+``torch.autograd.grad`` gives the gradient for every method asked for; the maps are
+ReLU'd at layer resolution, upsampled to the input grid and normalised by the maximum
+over the whole volume. A 2D model over a volume runs slice by slice in batches, and
+slices whose ROI is empty are skipped (their map is zero by definition).
+"""
 
 from __future__ import annotations
 
+import time
+import warnings as _warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+from torch import nn
+
+from ..errors import InputError, LayerError, ModelError
+from .capture import check_layers, forward_with_activations
+from .device import is_out_of_memory, memory_budget, model_device, prepared_model, resolve_device
+from .methods import METHODS
+from .resize import normalize_by_max, upsample_to
+from .targets import TARGETS, per_sample_scores, roi_on_output_grid
+
+ProgressCallback = Callable[[float, str], None]
 
 
 @dataclass(frozen=True)
@@ -15,7 +35,7 @@ class Explanation:
     Attributes:
         maps: method name -> float32 map of the image's spatial shape.
         device: the device that ran ("cpu", "cuda:0").
-        roi_voxels: voxels in the ROI that defined the target.
+        roi_voxels: voxels (output grid) in the region that defined the target.
         seconds: wall time of the whole call.
         warnings: messages for the user (empty ROI, CPU fallback, ...).
     """
@@ -32,15 +52,295 @@ class Explanation:
         return next(iter(self.maps.values()))
 
 
-ProgressCallback = Callable[[float, str], None]
+def explain(
+    model: nn.Module,
+    image,
+    *,
+    layer: str | Sequence[str],
+    target_class: int,
+    roi=None,
+    method: str = "seg-hires-grad-cam",
+    target: str = "logits",
+    threshold: float = 0.5,
+    spatial_dims: int | None = None,
+    slice_axis: int = 0,
+    normalize: bool = True,
+    relu: bool = True,
+    device: str = "auto",
+) -> np.ndarray:
+    r"""Class activation map of ``target_class`` over ``roi`` for one image.
+
+    With ``y = sum_p m(p) z_c(p)`` (``m`` the ROI, ``z_c`` the class-c logits) and
+    ``G = dy/dA`` at the chosen layer, Seg-HiRes-Grad CAM is ``ReLU(sum_k G_k * A_k)``
+    and Seg-Grad CAM ``ReLU(sum_k mean(G_k) A_k)``; see ``engine.methods`` for all.
+
+    Args:
+        model: ``torch.nn.Module`` whose output is ``(N, classes, *spatial)``.
+        image: numpy array or tensor ``(channels, *spatial)``.
+        layer: a name from ``model.named_modules()``; a list gives the mean of the
+            layers' maps, each upsampled and normalised first.
+        target_class: the class c (output channel).
+        roi: bool or float array of the image's spatial shape; None = the model's own
+            prediction for c (argmax; for one output channel, logit > 0; with the
+            probability-threshold target, probability > threshold).
+        method: a key of ``METHODS``.
+        target: "logits" or "probability-threshold" (``y = sum_p s_c(p) [s_c(p) > t]``).
+        threshold: t for the probability-threshold target.
+        spatial_dims: the model's spatial dims; 2 with a 3D image applies a 2D model
+            slice by slice along ``slice_axis`` (normalised over the whole volume).
+        slice_axis: axis of the image's spatial dims to slice along (0, 1 or 2).
+        normalize: divide by the maximum over the whole map (an all-zero map stays zero).
+        relu: keep only positive evidence (the methods' definition); False gives the
+            signed map, for analysis.
+        device: "auto" (CUDA if available), "cpu" or "cuda".
+
+    Returns:
+        float32 array of shape ``image.shape[1:]``; all zeros, with a warning, when the
+        ROI is empty.
+
+    Example:
+        >>> heat = explain(net, ct[None], layer="bottleneck", target_class=1)  # doctest: +SKIP
+    """
+    result = explain_detailed(
+        model, image, layer=layer, target_class=target_class, roi=roi, methods=(method,), target=target,
+        threshold=threshold, spatial_dims=spatial_dims, slice_axis=slice_axis, normalize=normalize, relu=relu,
+        device=device,
+    )
+    for message in result.warnings:
+        _warnings.warn(message, RuntimeWarning, stacklevel=2)
+    return result.heatmap
 
 
-def explain_detailed(model, image, *, layer, target_class, roi=None, methods: Sequence[str] = ("seg-hires-grad-cam",),
-                     target="logits", threshold=0.5, spatial_dims=None, slice_axis=0, normalize=True,
-                     device="auto", progress: ProgressCallback | None = None) -> Explanation:
-    raise NotImplementedError
+def explain_detailed(
+    model: nn.Module,
+    image,
+    *,
+    layer: str | Sequence[str],
+    target_class: int,
+    roi=None,
+    methods: Sequence[str] = ("seg-hires-grad-cam",),
+    target: str = "logits",
+    threshold: float = 0.5,
+    spatial_dims: int | None = None,
+    slice_axis: int = 0,
+    normalize: bool = True,
+    relu: bool = True,
+    device: str = "auto",
+    progress: ProgressCallback | None = None,
+    batch_size: int | None = None,
+) -> Explanation:
+    """Like :func:`explain`, for several methods from one backward pass, with facts about the run.
+
+    ``progress(fraction, message)`` is called after each batch; an exception raised in it
+    (``CancelledError``) stops the run with the model and hooks left as they were.
+    ``batch_size`` fixes the slices per batch (default: sized to the free memory).
+    """
+    started = time.perf_counter()
+    layers = [layer] if isinstance(layer, str) else list(layer)
+    if not layers:
+        raise InputError("no layer was given; pick at least one layer to explain")
+    methods = list(methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise InputError(f"method {unknown[0] if unknown else None!r} is unknown; choose one of {', '.join(METHODS)}")
+    if target not in TARGETS:
+        raise InputError(f"target {target!r} is unknown; choose one of {', '.join(TARGETS)}")
+    check_layers(model, layers)
+
+    image_t = _image_tensor(image, model)
+    samples, roi_t, layout = _arrange(image_t, roi, spatial_dims, slice_axis)
+    resolved = resolve_device(device)
+    notes: list[str] = []
+    job = _Job(model, layers, int(target_class), methods, target, float(threshold), relu, progress)
+    try:
+        maps, roi_voxels = job.run(samples, roi_t, resolved, batch_size)
+    except _GpuExhausted:
+        notes.append("the GPU ran out of memory even one slice at a time, so the CPU computed this map instead")
+        resolved = torch.device("cpu")
+        maps, roi_voxels = job.run(samples, roi_t, resolved, batch_size)
+
+    if roi_voxels == 0:
+        notes.append(
+            "the region to explain is empty inside the image"
+            if roi is not None
+            else f"the model predicts no voxel of class {target_class} in this image"
+        )
+        notes[-1] += ", so the heatmap is all zeros; choose a region or class that is present"
+    result = {}
+    for method in methods:
+        per_layer = [maps[(method, name)] for name in layers]
+        combined = per_layer[0] if len(per_layer) == 1 else torch.stack([normalize_by_max(m) for m in per_layer]).mean(0)
+        if normalize:
+            combined = normalize_by_max(combined)
+        result[method] = layout.restore(combined).to(torch.float32).cpu().numpy()
+    return Explanation(result, str(resolved), roi_voxels, time.perf_counter() - started, tuple(notes))
 
 
-def explain(model, image, *, layer, target_class, roi=None, method="seg-hires-grad-cam", target="logits",
-            threshold=0.5, spatial_dims=None, slice_axis=0, normalize=True, device="auto") -> np.ndarray:
-    raise NotImplementedError
+class _GpuExhausted(Exception):
+    """Raised inside a run when even a batch of one does not fit on the GPU."""
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How samples (batch of model inputs) map back to the image's spatial shape."""
+
+    slice_axis: int | None
+
+    def restore(self, maps: torch.Tensor) -> torch.Tensor:
+        if self.slice_axis is None:
+            return maps[0]
+        return maps.movedim(0, self.slice_axis)
+
+
+def _image_tensor(image, model: nn.Module) -> torch.Tensor:
+    tensor = image if isinstance(image, torch.Tensor) else torch.as_tensor(np.asarray(image))
+    if not (tensor.dtype.is_floating_point or tensor.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32,
+                                                              torch.int64, torch.bool)):
+        raise InputError(f"the image has data type {tensor.dtype}; give real-valued intensities")
+    floating = [p.dtype for p in list(model.parameters()) + list(model.buffers()) if p.dtype.is_floating_point]
+    tensor = tensor.detach().to(floating[0] if floating else torch.float32)
+    if tensor.ndim < 3:
+        raise InputError(
+            f"the image has shape {tuple(tensor.shape)}; give (channels, *spatial), e.g. (1, 64, 64) or (1, 96, 96, 96)"
+        )
+    if not torch.isfinite(tensor).all():
+        raise InputError("the image contains NaN or infinite values; fix or mask them before explaining")
+    return tensor
+
+
+def _arrange(image: torch.Tensor, roi, spatial_dims: int | None, slice_axis: int):
+    """Samples ``(S, C, *model_spatial)`` and ROI ``(S, *model_spatial)`` (or None)."""
+    spatial = tuple(image.shape[1:])
+    dims = len(spatial) if spatial_dims is None else int(spatial_dims)
+    if dims not in (2, 3) or dims > len(spatial) or len(spatial) - dims > 1:
+        raise InputError(
+            f"spatial_dims={spatial_dims} does not fit an image of spatial shape {spatial}; "
+            "use 3 for a 3D model, 2 for a 2D model (on 2D images or slice by slice on volumes)"
+        )
+    roi_t = None
+    if roi is not None:
+        roi_t = roi.detach() if isinstance(roi, torch.Tensor) else torch.as_tensor(np.asarray(roi))
+        if tuple(roi_t.shape) != spatial:
+            raise InputError(
+                f"the region has shape {tuple(roi_t.shape)} but the image's spatial shape is {spatial}; "
+                "give a mask on the same grid as the image"
+            )
+        if not roi_t.dtype.is_floating_point:
+            roi_t = roi_t != 0
+    if dims == len(spatial):
+        return image[None], (None if roi_t is None else roi_t[None]), _Layout(None)
+    if slice_axis not in (0, 1, 2):
+        raise InputError(f"slice_axis must be 0, 1 or 2 for a volume, got {slice_axis}")
+    samples = image.movedim(1 + slice_axis, 0)
+    return samples, (None if roi_t is None else roi_t.movedim(slice_axis, 0)), _Layout(slice_axis)
+
+
+class _Job:
+    """One explanation over a stack of samples, batch by batch."""
+
+    def __init__(self, model, layers, class_index, methods, target, threshold, relu, progress) -> None:
+        self.model, self.layers, self.class_index = model, layers, class_index
+        self.methods, self.target, self.threshold = methods, target, threshold
+        self.relu, self.progress = relu, progress
+
+    def run(self, samples: torch.Tensor, roi: torch.Tensor | None, device: torch.device, batch_size: int | None):
+        count, spatial = samples.shape[0], tuple(samples.shape[2:])
+        if roi is None:
+            todo = torch.arange(count)
+        else:
+            todo = torch.nonzero(roi.flatten(1).ne(0).any(dim=1)).flatten()
+        maps = {
+            (method, name): torch.zeros((count, *spatial), device=device, dtype=samples.dtype)
+            for method in self.methods
+            for name in self.layers
+        }
+        roi_voxels = 0
+        if len(todo) == 0:
+            return maps, 0
+        with prepared_model(self.model, device):
+            size = batch_size or self._fitting_batch(samples[todo[:1]].to(device), device, len(todo))
+            done = 0
+            self._report(0.0, len(todo))
+            while done < len(todo):
+                index = todo[done : done + size]
+                try:
+                    batch_maps, voxels = self._explain_batch(
+                        samples[index].to(device), None if roi is None else roi[index].to(device), spatial
+                    )
+                except RuntimeError as error:
+                    if device.type != "cuda" or not is_out_of_memory(error):
+                        raise
+                    torch.cuda.empty_cache()
+                    if size == 1:
+                        raise _GpuExhausted() from error
+                    size = max(1, size // 2)
+                    continue
+                for key, value in batch_maps.items():
+                    maps[key][index.to(device)] = value
+                roi_voxels += voxels
+                done += len(index)
+                self._report(done / len(todo), len(todo), done)
+        return maps, roi_voxels
+
+    def _report(self, fraction: float, total: int, done: int = 0) -> None:
+        if self.progress is not None:
+            unit = "slice" if total > 1 else "volume"
+            self.progress(fraction, f"explained {done} of {total} {unit}{'s' if total > 1 else ''}")
+
+    def _fitting_batch(self, probe: torch.Tensor, device: torch.device, count: int) -> int:
+        """Samples per batch that fit the memory budget, from the activation sizes of one probe."""
+        if count == 1:
+            return 1
+        total = 0
+
+        def hook(module, inputs, output):
+            nonlocal total
+            if isinstance(output, torch.Tensor):
+                total += output.numel() * output.element_size()
+
+        leaves = [m for m in self.model.modules() if not list(m.children())]
+        handles = [m.register_forward_hook(hook) for m in leaves]
+        try:
+            with torch.no_grad():
+                self.model(probe)
+        finally:
+            for handle in handles:
+                handle.remove()
+        # Saved activations for backward plus gradients: about twice the forward's outputs.
+        per_sample = max(1, 2 * total)
+        return int(max(1, min(count, memory_budget(device) // per_sample)))
+
+    def _explain_batch(self, batch: torch.Tensor, roi: torch.Tensor | None, spatial: tuple[int, ...]):
+        output, activations = forward_with_activations(self.model, batch, self.layers)
+        if output.ndim != batch.ndim:
+            raise ModelError(
+                f"the model's output has shape {tuple(output.shape)}, without the spatial dimensions of its input "
+                f"{tuple(batch.shape)}; SegHiResCAM explains segmentation models whose output is (N, classes, *spatial)"
+            )
+        classes = output.shape[1]
+        if not 0 <= self.class_index < classes:
+            raise InputError(
+                f"class {self.class_index} is out of range: the model outputs {classes} class"
+                f"{'es' if classes > 1 else ''} (0 to {classes - 1})"
+            )
+        roi_out = None if roi is None else roi_on_output_grid(roi, tuple(output.shape[2:]))
+        scores, used = per_sample_scores(output, self.class_index, roi_out, target=self.target,
+                                         threshold=self.threshold)
+        voxels = int(used.ne(0).sum())
+        gradients = torch.autograd.grad(scores.sum(), activations, allow_unused=True)
+        del output, scores
+        maps = {}
+        with torch.no_grad():
+            for name, activation, gradient in zip(self.layers, activations, gradients):
+                if gradient is None:
+                    raise LayerError(
+                        f"the output does not depend on layer '{name}', so it has nothing to explain; "
+                        "choose a layer on the path to the output"
+                    )
+                activation = activation.detach()
+                for method in self.methods:
+                    layer_map = METHODS[method](activation, gradient)
+                    if self.relu:
+                        layer_map = torch.relu(layer_map)
+                    maps[(method, name)] = upsample_to(layer_map, spatial)
+        return maps, voxels

@@ -1,0 +1,64 @@
+"""The segmentation target y: a scalar summed over a region of the output.
+
+The region (ROI) is always a constant: no gradient flows through the argmax or the
+threshold that built it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+TARGETS = ("logits", "probability-threshold")
+
+
+def class_probabilities(output: torch.Tensor) -> torch.Tensor:
+    """Softmax over classes, or the sigmoid for a one-channel output."""
+    return torch.sigmoid(output) if output.shape[1] == 1 else torch.softmax(output, dim=1)
+
+
+def predicted_roi(output: torch.Tensor, class_index: int) -> torch.Tensor:
+    """The model's own prediction for a class: argmax == c, or logit > 0 for one channel."""
+    with torch.no_grad():
+        if output.shape[1] == 1:
+            return output[:, 0] > 0
+        return output.argmax(dim=1) == class_index
+
+
+def per_sample_scores(
+    output: torch.Tensor,
+    class_index: int,
+    roi: torch.Tensor | None,
+    *,
+    target: str = "logits",
+    threshold: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target scores per sample and the ROI actually used.
+
+    Args:
+        output: model output ``(B, classes, *spatial)``.
+        class_index: the class c.
+        roi: ``(B, *spatial)`` bool or float weights on the output grid, or None for the
+            model's own prediction (logits: argmax; probability-threshold: s_c > threshold).
+        target: "logits": ``y = sum_p m(p) z_c(p)``; "probability-threshold" (EIECS 2021):
+            ``y = sum_p m(p) s_c(p) [s_c(p) > t]``.
+
+    Returns:
+        ``(scores (B,), roi (B, *spatial) float)``.
+    """
+    if target == "logits":
+        weights = predicted_roi(output, class_index) if roi is None else roi
+        weights = weights.to(output.dtype).detach()
+        return (output[:, class_index] * weights).flatten(1).sum(1), weights
+    probabilities = class_probabilities(output)[:, class_index]
+    above = (probabilities > threshold).detach()
+    weights = above.to(output.dtype) if roi is None else roi.to(output.dtype).detach() * above
+    return (probabilities * weights).flatten(1).sum(1), weights
+
+
+def roi_on_output_grid(roi: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
+    """Bring a ``(B, *spatial)`` ROI to the output's spatial size (nearest), if it differs."""
+    if tuple(roi.shape[1:]) == tuple(spatial):
+        return roi
+    resized = F.interpolate(roi[:, None].float(), size=spatial, mode="nearest")[:, 0]
+    return resized if roi.dtype.is_floating_point else resized > 0.5

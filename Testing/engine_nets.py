@@ -1,0 +1,98 @@
+"""Small networks built for the engine tests (2D and 3D, batch norm, skips, known receptive fields)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from SegHiResCAMLib.models.unet import UNet
+
+
+def unet(spatial_dims: int = 3, classes: int = 3, dtype=torch.float32, seed: int = 0) -> UNet:
+    """A 3-level U-Net whose batch norms hold non-trivial running statistics."""
+    torch.manual_seed(seed)
+    model = UNet(spatial_dims, 1, classes, channels=(4, 8, 16)).to(dtype)
+    for module in model.modules():
+        if isinstance(module, (nn.BatchNorm2d, nn.BatchNorm3d)):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+class LocalNet(nn.Module):
+    """conv3 -> ReLU -> ``features`` (conv3, ReLU) -> ``mix`` (conv3) -> ReLU -> ``head`` (1x1).
+
+    Downstream of ``features`` the receptive field is 3 voxels wide, so a map there can
+    only depend on the ROI dilated by one voxel.
+    """
+
+    def __init__(self, spatial_dims: int = 2, classes: int = 2) -> None:
+        super().__init__()
+        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+        self.stem = nn.Sequential(conv(1, 4, 3, padding=1), nn.ReLU())
+        self.features = nn.Sequential(conv(4, 6, 3, padding=1), nn.ReLU())
+        self.mix = conv(6, 6, 3, padding=1)
+        self.act = nn.ReLU()
+        self.head = conv(6, classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.mix(self.features(self.stem(x)))))
+
+
+class InplaceNet(nn.Module):
+    """``conv`` is followed by an in-place ReLU, which overwrites the conv's output tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.relu(self.conv(x)))
+
+
+class TupleLayerNet(nn.Module):
+    """``pair`` returns a tuple; ``classifier`` returns (N, classes) without spatial dims."""
+
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3, padding=1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y, -y
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pair = self.Pair()
+        self.head = nn.Conv2d(2, 2, 1)
+
+    def forward(self, x):
+        a, _ = self.pair(x)
+        return self.head(a)
+
+
+class ClassifierNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        return self.pool(self.conv(x)).flatten(1)
+
+
+def hooked_output_and_activation(model: nn.Module, x: torch.Tensor, layer: str):
+    """Reference capture with a plain forward hook and full autograd (no graph cut)."""
+    store = {}
+    module = dict(model.named_modules())[layer]
+    handle = module.register_forward_hook(lambda m, i, o: store.setdefault("a", o))
+    try:
+        out = model(x)
+    finally:
+        handle.remove()
+    return out, store["a"]
