@@ -90,7 +90,7 @@ def hooked_output_and_activation(model: nn.Module, x: torch.Tensor, layer: str):
     """Reference capture with a plain forward hook and full autograd (no graph cut)."""
     store = {}
     module = dict(model.named_modules())[layer]
-    handle = module.register_forward_hook(lambda m, i, o: store.setdefault("a", o))
+    handle = module.register_forward_hook(lambda m, i, o: store.setdefault("a", o) and None)
     try:
         out = model(x)
     finally:

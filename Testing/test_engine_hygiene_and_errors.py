@@ -109,7 +109,7 @@ def test_models_without_hooks_may_provide_forward_capturing():
         def forward_capturing(self, x, layers):
             store = {}
             modules = dict(self.inner.named_modules())
-            handles = [modules[name].register_forward_hook(lambda m, i, o, name=name: store.setdefault(name, o))
+            handles = [modules[name].register_forward_hook(lambda m, i, o, name=name: store.setdefault(name, o) and None)
                        for name in layers]
             try:
                 out = self.inner(x)
