@@ -89,8 +89,12 @@ class ClassifierNet(nn.Module):
 def hooked_output_and_activation(model: nn.Module, x: torch.Tensor, layer: str):
     """Reference capture with a plain forward hook and full autograd (no graph cut)."""
     store = {}
+
+    def keep_first_output(module, inputs, output) -> None:
+        store.setdefault("a", output)
+
     module = dict(model.named_modules())[layer]
-    handle = module.register_forward_hook(lambda m, i, o: store.setdefault("a", o) and None)
+    handle = module.register_forward_hook(keep_first_output)
     try:
         out = model(x)
     finally:

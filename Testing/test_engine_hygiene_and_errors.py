@@ -109,8 +109,14 @@ def test_models_without_hooks_may_provide_forward_capturing():
         def forward_capturing(self, x, layers):
             store = {}
             modules = dict(self.inner.named_modules())
-            handles = [modules[name].register_forward_hook(lambda m, i, o, name=name: store.setdefault(name, o) and None)
-                       for name in layers]
+
+            def keeper(name):
+                def keep_first_output(module, inputs, output) -> None:
+                    store.setdefault(name, output)
+
+                return keep_first_output
+
+            handles = [modules[name].register_forward_hook(keeper(name)) for name in layers]
             try:
                 out = self.inner(x)
             finally:
