@@ -1,0 +1,46 @@
+"""MRML glue: volume and segmentation nodes <-> numpy, heatmap display, offscreen slice rendering.
+
+Uses only MRML classes that the slicer-core wheel also has (no qt, no ``slicer.app``, no
+``slicer.mrmlScene``), so the same code runs in Slicer and in pytest. Every function takes
+the scene explicitly; inside Slicer pass ``slicer.mrmlScene``. The submodules import
+``slicer``, so import them only where slicer (or slicer-core) is installed:
+
+>>> from SegHiResCAMLib.mrml import new_scene, show_heatmap, segment_mask
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "new_scene": "scene",
+    "node_ids": "scene",
+    "remove_nodes_added_since": "scene",
+    "register_segmentation_converters": "scene",
+    "volume_from_node": "volumes",
+    "update_node_from_volume": "volumes",
+    "array_from_node": "volumes",
+    "ijk_to_ras_of_node": "volumes",
+    "write_volume_node": "volumes",
+    "read_volume_node": "volumes",
+    "segment_mask": "segments",
+    "segment_names": "segments",
+    "find_segment_id": "segments",
+    "show_heatmap": "heatmap_display",
+    "set_heatmap_opacity": "heatmap_display",
+    "set_lower_threshold": "heatmap_display",
+    "set_show_in_3d": "heatmap_display",
+    "heat_color_node": "heatmap_display",
+    "render_slice_png": "render",
+    "render_slice_rgb": "render",
+    "read_png": "render",
+    "write_png": "render",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
