@@ -2,10 +2,13 @@
 
 Request (a JSON object, written by the Slicer logic or the command line)::
 
-    {"image": "in.nrrd", "roi": "roi.nrrd" | null, "roi_label": 1,
+    {"image": "in.nrrd", "roi": "roi.nrrd" | null, "roi_label": 1 | "segment name" | null,
      "model": "model.pt", "layer": "decoder.2" | ["a", "b"], "target_class": 1,
      "method": "seg-hires-grad-cam", "target": "logits", "threshold": 0.5,
-     "device": "auto", "output": "heat.nrrd"}
+     "device": "auto", "output": "heat.nrrd", "trust_code": false}
+
+``roi_label`` null takes the ROI file's single non-zero label; a string names a segment of a
+``.seg.nrrd``. ``trust_code`` lets the model loader run a Python builder file beside the model.
 
 Events, one JSON object per line::
 
@@ -34,12 +37,13 @@ class Request:
     layer: str | list[str] | None = None
     target_class: int = 1
     roi: str | None = None
-    roi_label: int = 1
+    roi_label: int | str | None = 1
     method: str = "seg-hires-grad-cam"
     target: str = "logits"
     threshold: float = 0.5
     device: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
+    trust_code: bool = False
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
