@@ -1,0 +1,232 @@
+"""Benchmark the CAM engine against the inference-mode forward pass and against peer approaches.
+
+Prints ratios measured side by side in one run; asserts nothing (machines are noisy).
+
+Cases (issue 2): a 3D U-Net at 96^3 and 128^3 explained at the bottleneck and at the last
+decoder stage; a 2D U-Net over a 64-slice 256^2 volume; and the sparse case, an ROI on 4
+of those 64 slices. Per case: median inference-mode forward time, median explain time
+(>= 5 interleaved rounds), their ratio, and peak memory above the forward's peak. Peers
+on the same model, input and ROI: "full backward" (forward hook + tensor hook +
+``loss.backward(retain_graph=True)`` over all parameters, the pattern of
+pytorch-grad-cam, MONAI and M3d-CAM) and captum's ``LayerGradientXActivation`` when
+captum is installed (``pip install -c constraints.txt captum``).
+
+    python bench/bench_engine.py                 # CPU, all cases
+    python bench/bench_engine.py --device cuda   # on a GPU
+    python bench/bench_engine.py --quick         # small sizes, a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from SegHiResCAMLib import explain_detailed
+from SegHiResCAMLib.models.unet import UNet
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    spatial_dims: int
+    shape: tuple[int, ...]  # image (C, *spatial)
+    layer: str
+    roi_slices: int | None = None  # 2D over a volume: ROI on this many slices (None = all)
+
+
+def cases(quick: bool) -> list[Case]:
+    if quick:
+        return [Case("3D 32^3 bottleneck", 3, (1, 32, 32, 32), "bottleneck"),
+                Case("2D 8x64^2 sparse 2", 2, (1, 8, 64, 64), "bottleneck", 2)]
+    return [
+        Case("3D 96^3 bottleneck", 3, (1, 96, 96, 96), "bottleneck"),
+        Case("3D 96^3 last decoder", 3, (1, 96, 96, 96), "decoder.2"),
+        Case("3D 128^3 bottleneck", 3, (1, 128, 128, 128), "bottleneck"),
+        Case("3D 128^3 last decoder", 3, (1, 128, 128, 128), "decoder.2"),
+        Case("2D 64x256^2 bottleneck", 2, (1, 64, 256, 256), "bottleneck"),
+        Case("2D 64x256^2 last decoder", 2, (1, 64, 256, 256), "decoder.2"),
+        Case("2D 64x256^2 sparse 4/64", 2, (1, 64, 256, 256), "bottleneck", 4),
+    ]
+
+
+def build(case: Case, device: torch.device):
+    torch.manual_seed(0)
+    model = UNet(case.spatial_dims, 1, 3, channels=(8, 16, 32, 64)).to(device).eval()
+    image = torch.from_numpy(np.random.default_rng(0).random(case.shape, dtype=np.float32)).to(device)
+    spatial = case.shape[1:]
+    roi = torch.zeros(spatial, dtype=torch.bool, device=device)
+    if case.roi_slices is None:
+        box = tuple(slice(s // 4, s // 4 + s // 2) for s in spatial)  # an eighth of the volume
+        roi[box] = True
+    else:
+        picks = np.linspace(spatial[0] // 8, spatial[0] - 1 - spatial[0] // 8, case.roi_slices).astype(int)
+        roi[picks, spatial[1] // 4: 3 * spatial[1] // 4, spatial[2] // 4: 3 * spatial[2] // 4] = True
+    return model, image, roi
+
+
+def batches(case: Case, image: torch.Tensor) -> torch.Tensor:
+    """The model-input batch a plain forward pass over the whole image sees."""
+    return image.movedim(1, 0) if case.spatial_dims == 2 and image.ndim == 4 else image[None]
+
+
+def run_forward(model, case, image, roi):
+    with torch.inference_mode():
+        model(batches(case, image))
+
+
+def run_ours(model, case, image, roi):
+    explain_detailed(model, image, layer=case.layer, target_class=1, roi=roi, spatial_dims=case.spatial_dims,
+                     methods=("seg-hires-grad-cam", "seg-grad-cam"), device=str(image.device))
+
+
+def run_full_backward(model, case, image, roi):
+    """The common peer pattern: hooks, backward over all parameters, graph retained, numpy maps."""
+    x = batches(case, image)
+    rois = roi.movedim(0, 0)[:, None] if case.spatial_dims == 2 else roi[None, None]
+    store = {}
+    module = dict(model.named_modules())[case.layer]
+
+    def forward_hook(m, inputs, output):
+        store["a"] = output
+        output.register_hook(lambda grad: store.__setitem__("g", grad))
+
+    handle = module.register_forward_hook(forward_hook)
+    try:
+        out = model(x)
+        loss = (out[:, 1:2] * rois).sum()
+        model.zero_grad()
+        loss.backward(retain_graph=True)
+        a, g = store["a"].detach().cpu().numpy(), store["g"].cpu().numpy()
+        maps = np.maximum((a * g).sum(1), 0)
+        weights = g.mean(axis=tuple(range(2, g.ndim)), keepdims=True)
+        maps2 = np.maximum((a * weights).sum(1), 0)
+        up = torch.nn.functional.interpolate(torch.from_numpy(np.stack([maps, maps2], 1)), size=x.shape[2:],
+                                             mode="bilinear" if case.spatial_dims == 2 else "trilinear")
+        up.numpy()
+    finally:
+        handle.remove()
+        for parameter in model.parameters():
+            parameter.grad = None
+
+
+def run_captum(model, case, image, roi):
+    from captum.attr import LayerGradientXActivation
+
+    x = batches(case, image)
+    rois = roi[:, None] if case.spatial_dims == 2 else roi[None, None]
+    module = dict(model.named_modules())[case.layer]
+
+    def masked_sum(inputs):
+        return (model(inputs)[:, 1:2] * rois).flatten(1).sum(1)
+
+    attribution = LayerGradientXActivation(masked_sum, module).attribute(x)
+    maps = torch.relu(attribution.sum(1, keepdim=True))
+    torch.nn.functional.interpolate(maps, size=x.shape[2:], mode="bilinear" if case.spatial_dims == 2 else "trilinear")
+
+
+RUNNERS = {"forward": run_forward, "ours": run_ours, "full-backward": run_full_backward, "captum": run_captum}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, *args) -> float:
+    synchronize(args[2].device)
+    start = time.perf_counter()
+    fn(*args)
+    synchronize(args[2].device)
+    return time.perf_counter() - start
+
+
+def time_case(case: Case, device: torch.device, rounds: int, peers: list[str]) -> dict[str, float]:
+    model, image, roi = build(case, device)
+    args = (model, case, image, roi)
+    names = ["forward", "ours", *peers]
+    for name in names:  # warm-up
+        RUNNERS[name](*args)
+    samples = {name: [] for name in names}
+    for _ in range(rounds):  # interleaved, so slow bursts of a shared machine hit every runner
+        for name in names:
+            samples[name].append(timed(RUNNERS[name], *args))
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def peak_memory(case: Case, device: torch.device, runner: str) -> float:
+    """MiB above the baseline that one call adds at its peak (fresh process on CPU)."""
+    if device.type == "cuda":
+        model, image, roi = build(case, device)
+        RUNNERS[runner](model, case, image, roi)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        RUNNERS[runner](model, case, image, roi)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    command = [sys.executable, __file__, "--memory-probe", json.dumps(case.__dict__), runner]
+    return float(subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip())
+
+
+def memory_probe(case_json: str, runner: str) -> None:
+    data = json.loads(case_json)
+    case = Case(**{**data, "shape": tuple(data["shape"])})
+    model, image, roi = build(case, torch.device("cpu"))
+    # No warm-up: a forward would already raise the process's peak; both runners pay the same start-up.
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    RUNNERS[runner](model, case, image, roi)
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--memory-probe", nargs=2, metavar=("CASE", "RUNNER"))
+    args = parser.parse_args()
+    if args.memory_probe:
+        memory_probe(*args.memory_probe)
+        return
+    device = torch.device(args.device)
+    peers = ["full-backward"]
+    try:
+        import captum  # noqa: F401
+
+        peers.append("captum")
+    except ImportError:
+        print("(captum not installed: pip install -c constraints.txt captum to compare with it)")
+    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"median of {args.rounds} interleaved rounds")
+    header = ["case", "forward s", "explain s", "explain/forward", *[f"{p}/forward" for p in peers],
+              *[f"us/{p}" for p in peers]]
+    if not args.no_memory:
+        header += ["fwd peak MiB", "explain peak MiB", "explain-fwd MiB"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    dense_forward = {}
+    for case in cases(args.quick):
+        times = time_case(case, device, args.rounds, peers)
+        if case.roi_slices is None:
+            dense_forward[case.shape] = times["forward"]
+        forward = dense_forward.get(case.shape, times["forward"])
+        row = [case.name, f"{forward:.3f}", f"{times['ours']:.3f}", f"{times['ours'] / forward:.2f}",
+               *[f"{times[p] / forward:.2f}" for p in peers], *[f"{times['ours'] / times[p]:.2f}" for p in peers]]
+        if not args.no_memory:
+            fwd_mib, ours_mib = peak_memory(case, device, "forward"), peak_memory(case, device, "ours")
+            row += [f"{fwd_mib:.0f}", f"{ours_mib:.0f}", f"{ours_mib - fwd_mib:+.0f}"]
+        print("| " + " | ".join(row) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
