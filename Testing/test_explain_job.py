@@ -1,0 +1,156 @@
+"""ExplainJob: MRML nodes -> real worker process -> heatmap node (slicer-core scene, CPU).
+
+This is what ``SegHiResCAMLogic.process`` runs in Slicer: success shows a heatmap with the
+input's geometry and its mass on the evidence; cancel and failure leave the scene exactly
+as it was and remove the temp folder.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import slicer
+
+from mrml_helpers import add_segment, add_segmentation, add_volume
+from SegHiResCAMLib.errors import CancelledError, InputError, LayerError, SegHiResCAMError
+from SegHiResCAMLib.mrml.explain_job import ExplainJob, ExplainOptions, error_from_event, make_request
+from SegHiResCAMLib.mrml.heatmap_display import HEATMAP_ATTRIBUTE
+from SegHiResCAMLib.mrml.scene import new_scene, node_ids
+from SegHiResCAMLib.mrml.volumes import array_from_node, ijk_to_ras_of_node
+
+MODEL = Path(__file__).resolve().parents[1] / "SegHiResCAM" / "Resources" / "Models" / "SelfTestBallUNet.pt"
+IJK_TO_RAS = np.array([[-1.2, 0, 0, 20.0], [0, -1.2, 0, -5.0], [0, 0, 2.0, 7.0], [0, 0, 0, 1]])
+CENTRE, RADIUS = np.array([12.0, 18.0, 15.0]), 5.0
+
+
+def ball_scene(size: int = 32):
+    """A scene with a noisy volume holding a bright ball, and a segment covering the ball."""
+    scene = new_scene()
+    rng = np.random.default_rng(1)
+    grid = np.indices((size,) * 3)
+    ball = ((grid - CENTRE[:, None, None, None]) ** 2).sum(0) <= RADIUS**2
+    image = (rng.normal(100.0, 10.0, (size,) * 3) + 30.0 * ball).astype(np.float32)
+    volume = add_volume(scene, image, IJK_TO_RAS, name="Ball image")
+    segmentation = add_segmentation(scene)
+    segment_id = add_segment(segmentation, ball, IJK_TO_RAS, "ball", "Ball")
+    near = ((grid - CENTRE[:, None, None, None]) ** 2).sum(0) <= (RADIUS + 4) ** 2
+    return scene, volume, segmentation, segment_id, near
+
+
+def cpu(**fields) -> ExplainOptions:
+    return ExplainOptions(device="cpu", **fields)
+
+
+def test_heatmap_node_has_the_input_geometry_and_its_mass_on_the_evidence():
+    scene, volume, segmentation, segment_id, near = ball_scene()
+    reported = []
+    job = ExplainJob(scene, volume, MODEL, segmentation, segment_id, cpu(show_3d=False),
+                     progress=lambda fraction, message: reported.append((fraction, message)))
+    node = job.wait(timeout=120)
+    assert job.state == "done" and job.device == "cpu" and job.seconds > 0
+    assert node.GetScene() is scene and node.GetAttribute(HEATMAP_ATTRIBUTE) == "1"
+    np.testing.assert_allclose(ijk_to_ras_of_node(node), IJK_TO_RAS, atol=1e-9)
+    heat = array_from_node(node)
+    assert heat.shape == (32, 32, 32) and np.isfinite(heat).all()
+    assert heat.max() == pytest.approx(1.0) and heat.min() >= 0.0
+    assert heat[near].sum() / heat.sum() > 0.8
+    fractions = [fraction for fraction, _ in reported]
+    assert len(fractions) >= 2 and fractions == sorted(fractions)
+    assert job.temp_dir is None  # removed once the result was read
+
+
+def test_an_existing_output_node_is_filled_in_place_and_no_node_is_added():
+    scene, volume, segmentation, segment_id, _ = ball_scene()
+    first = ExplainJob(scene, volume, MODEL, segmentation, segment_id, cpu()).wait(timeout=120)
+    ids_after_first = node_ids(scene)
+    again = ExplainJob(scene, volume, MODEL, segmentation, segment_id, cpu(method="seg-grad-cam"), output_node=first)
+    assert again.wait(timeout=120) is first
+    assert node_ids(scene) == ids_after_first
+
+
+def test_gui_style_polling_reaches_the_same_result_as_wait():
+    scene, volume, segmentation, segment_id, near = ball_scene()
+    job = ExplainJob(scene, volume, MODEL, segmentation, segment_id, cpu())
+    job.start()
+    assert job.state == "running" and job.temp_dir.is_dir()
+    deadline = time.monotonic() + 120
+    while not job.poll():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    heat = array_from_node(job.result())
+    assert heat[near].sum() / heat.sum() > 0.8
+
+
+def test_cancel_mid_run_leaves_the_scene_unchanged_and_no_temp_files():
+    scene, volume, segmentation, segment_id, _ = ball_scene(size=64)
+    before = node_ids(scene)
+    seen = []
+    job = ExplainJob(scene, volume, MODEL, segmentation, segment_id, cpu(),
+                     progress=lambda fraction, message: seen.append(message))
+    job.start()
+    pid, temp_dir = job.worker_pid, job.temp_dir
+    deadline = time.monotonic() + 60
+    while not seen and time.monotonic() < deadline:
+        job.poll()
+        time.sleep(0.02)
+    assert seen and job.state == "running" and psutil.pid_exists(pid), "the worker must be mid-run"
+    job.cancel()
+    assert job.state == "cancelled"
+    assert node_ids(scene) == before, "a cancelled run must add no node"
+    assert not temp_dir.exists()
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    with pytest.raises(CancelledError):
+        job.result()
+    assert job.poll() is True  # polling a cancelled job is harmless
+
+
+def test_a_worker_error_becomes_one_line_error_and_leaves_the_scene_unchanged():
+    scene, volume, segmentation, segment_id, _ = ball_scene()
+    before = node_ids(scene)
+    job = ExplainJob(scene, volume, MODEL, segmentation, segment_id, cpu(layer="decoder.99"))
+    with pytest.raises(SegHiResCAMError) as raised:
+        job.wait(timeout=120)
+    message = str(raised.value)
+    assert "decoder.99" in message and "\n" not in message
+    assert job.state == "failed" and job.temp_dir is None
+    assert node_ids(scene) == before
+
+
+def test_a_missing_segment_is_refused_before_any_process_starts():
+    scene, volume, segmentation, _, _ = ball_scene()
+    before = node_ids(scene)
+    job = ExplainJob(scene, volume, MODEL, segmentation, "NoSuchSegment", cpu())
+    with pytest.raises(InputError, match="NoSuchSegment"):
+        job.start()
+    assert job.state == "new" and job.worker_pid is None and node_ids(scene) == before
+
+
+def test_a_missing_model_file_is_refused_before_any_process_starts(tmp_path):
+    scene, volume, segmentation, segment_id, _ = ball_scene()
+    with pytest.raises(InputError, match="does not exist"):
+        ExplainJob(scene, volume, tmp_path / "absent.pt", segmentation, segment_id, cpu()).start()
+
+
+def test_options_out_of_range_are_refused_with_the_value():
+    with pytest.raises(InputError, match="gpu"):
+        ExplainOptions(device="gpu")
+    with pytest.raises(InputError, match="1.5"):
+        ExplainOptions(opacity=1.5)
+    with pytest.raises(InputError, match="3"):
+        ExplainOptions(slice_axis=3)
+
+
+def test_request_fields_unknown_to_the_protocol_travel_in_extra():
+    request = make_request(image="a.nrrd", model="m.pt", output="o.nrrd", slice_axis=2, roi=None)
+    assert request.extra == {"slice_axis": 2} and request.roi is None
+    assert make_request(image="a", model="m", output="o", slice_axis=None).extra == {}
+
+
+def test_worker_error_events_map_to_our_error_classes():
+    assert type(error_from_event({"event": "error", "message": "bad layer", "type": "LayerError"})) is LayerError
+    plain = error_from_event({"event": "error", "message": "first line\nsecond", "type": "KeyboardInterrupt"})
+    assert type(plain) is SegHiResCAMError and str(plain) == "first line"
