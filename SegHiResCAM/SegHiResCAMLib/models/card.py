@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import ModelError
 
-INTENSITY_SCHEMES = ("none", "zscore", "ct-window", "minmax", "percentile")
+INTENSITY_SCHEMES = ("none", "zscore", "ct-window", "minmax", "percentile", "clip-zscore", "per-channel")
 
 
 @dataclass(frozen=True)
@@ -25,15 +25,26 @@ class ModelCard:
         spatial_dims: 2 (applied slice by slice) or 3.
         in_channels: input channels.
         class_names: one name per output channel (index = class).
-        spacing: voxel size in mm the model was trained at, along I, J, K; None = use as is.
-        orientation: axis code the model expects ("RAS", "LPS", ...); None = use as is.
-        intensity: normalisation, e.g. {"scheme": "zscore"}, {"scheme": "ct-window",
-            "window": [-1000, 1000]}, {"scheme": "minmax"}, {"scheme": "percentile",
-            "lower": 0.5, "upper": 99.5}; {"scheme": "none"} by default.
+        spacing: voxel size in mm the model was trained at, along I, J, K (after reorientation,
+            before ``transpose``); None = use as is; a None entry keeps that axis as is.
+        orientation: where I, J, K should point ("RAS", "LPS", ...: Slicer/ITK convention, the
+            volume is reoriented by axis swaps and flips, no interpolation); None = use as is.
+        intensity: normalisation, e.g. {"scheme": "zscore"} (add "nonzero_only": true to use and
+            change only the voxels inside the non-zero region), {"scheme": "ct-window",
+            "window": [-1000, 1000]} (clip, then map to "range", [0, 1] by default),
+            {"scheme": "minmax"}, {"scheme": "percentile", "lower": 0.5, "upper": 99.5},
+            {"scheme": "clip-zscore", "window": [lo, hi], "mean": m, "std": s} (nnU-Net's CT
+            scheme), {"scheme": "per-channel", "channels": [one of the above per channel]};
+            {"scheme": "none"} by default.
         layers: layer names worth explaining, first = default.
         outputs: "logits" or "probabilities".
         slice_axis: for 2D models, the array axis (of K, J, I) to slice along.
-        divisible_by: the input's spatial sizes must be multiples of this (padding is added).
+        divisible_by: the input's spatial sizes must be multiples of this (zero padding is added
+            at the end of each axis, except the slice axis of a 2D model).
+        transpose: order of the volume's array axes (0 = K, 1 = J, 2 = I) in the model's input,
+            numpy-style: (2, 1, 0) for MONAI networks (which see I, J, K), nnU-Net's
+            ``transpose_forward``; None = (0, 1, 2).
+        crop_nonzero: crop the volume to the bounding box of its non-zero voxels first (nnU-Net).
         network: how to build the network: {"name": ..., "args": {...}} (see models.loading).
         extra: anything else a loader needs (kept verbatim).
     """
@@ -49,6 +60,8 @@ class ModelCard:
     outputs: str = "logits"
     slice_axis: int = 0
     divisible_by: int = 1
+    transpose: tuple[int, int, int] | None = None
+    crop_nonzero: bool = False
     network: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -65,7 +78,21 @@ class ModelCard:
         object.__setattr__(self, "class_names", tuple(self.class_names))
         object.__setattr__(self, "layers", tuple(self.layers))
         if self.spacing is not None:
-            object.__setattr__(self, "spacing", tuple(float(s) for s in self.spacing))
+            if len(self.spacing) != 3:
+                raise ModelError(f"model card: spacing needs 3 entries (I, J, K), got {list(self.spacing)}")
+            object.__setattr__(self, "spacing", tuple(None if s is None else float(s) for s in self.spacing))
+        if self.transpose is not None:
+            if sorted(self.transpose) != [0, 1, 2]:
+                raise ModelError(f"model card: transpose must be a permutation of 0, 1, 2, got {list(self.transpose)}")
+            object.__setattr__(self, "transpose", tuple(int(a) for a in self.transpose))
+        if int(self.divisible_by) < 1:
+            raise ModelError(f"model card: divisible_by must be a positive number, got {self.divisible_by!r}")
+        if self.orientation is not None:
+            code = self.orientation.upper()
+            axes = sorted({"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}.get(c, 9) for c in code)
+            if len(code) != 3 or axes != [0, 1, 2]:
+                raise ModelError(f"model card: orientation must be a code like 'RAS' or 'LPS', got {self.orientation!r}")
+            object.__setattr__(self, "orientation", code)
 
     @property
     def default_layer(self) -> str | None:
@@ -75,8 +102,9 @@ class ModelCard:
         data = asdict(self)
         data["class_names"] = list(self.class_names)
         data["layers"] = list(self.layers)
-        if self.spacing is not None:
-            data["spacing"] = list(self.spacing)
+        for key in ("spacing", "transpose"):
+            if isinstance(data[key], tuple):
+                data[key] = list(data[key])
         return data
 
     @classmethod

@@ -1,13 +1,25 @@
 """Turn a model file or folder into a module ``explain`` can use, plus its model card.
 
-Supported here: a state dict (``.pt``/``.pth``) with a model card JSON beside it
-(``<stem>.json`` or ``model.json``) whose ``network`` names a known builder.
-Loading never unpickles arbitrary objects: ``torch.load(..., weights_only=True)``.
+Supported (``load_model`` tells them apart by what is on disk):
+
+| what the path is | kind |
+| --- | --- |
+| TorchScript file (``torch.jit.script``/``trace``; MONAI's ``model.ts``) | ``torchscript`` |
+| state dict + model card ``<stem>.json``/``model.json`` naming the network | ``state-dict`` |
+| state dict + bare network spec ``{"name": "UNet", "args": {...}}`` (MONAI nets) | ``monai-network`` |
+| MONAI bundle folder (``configs/inference.json``, ``models/model.pt`` or ``.ts``) | ``monai-bundle`` |
+| nnU-Net v2 results folder, fold folder or ``checkpoint_final.pth`` | ``nnunet`` |
+| Python file defining ``build_model()`` + ``<stem>.pth`` (needs ``trust_code``) | ``python`` |
+
+Loading never unpickles arbitrary objects: ``torch.load(..., weights_only=True)``. A card
+JSON beside a model (``<stem>.json``, or ``model.json`` in its folder) overrides, key by key,
+what the loader read from the bundle, plans or network.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,6 +40,9 @@ class LoadedModel:
     kind: str
 
 
+_CARD_KEYS = {f.name for f in fields(ModelCard)}
+
+
 def _build_unet(**args: Any) -> nn.Module:
     from .unet import UNet
 
@@ -39,11 +54,38 @@ BUILDERS: dict[str, Callable[..., nn.Module]] = {"SegHiResCAM.UNet": _build_unet
 
 
 def find_card(path: Path) -> Path | None:
-    """The model card beside a weights file: ``<stem>.json``, else ``model.json``."""
-    for candidate in (path.with_suffix(".json"), path.parent / "model.json"):
-        if candidate.is_file():
+    """The model card beside a weights file: ``<stem>.json``, else ``model.json``; in a folder, ``model.json``."""
+    candidates = (path / "model.json",) if path.is_dir() else (path.with_suffix(".json"), path.parent / "model.json")
+    for candidate in candidates:
+        if candidate.is_file() and candidate != path:
             return candidate
     return None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ModelError(f"cannot read {path}: {error}") from error
+    if not isinstance(data, dict):
+        raise ModelError(f"{path.name} must hold a JSON object")
+    return data
+
+
+def is_network_spec(data: dict[str, Any]) -> bool:
+    """A bare network spec ``{"name": ..., "args": {...}}`` (optionally with a "card")."""
+    return "name" in data and set(data) <= {"name", "args", "card"} and isinstance(data.get("args", {}), dict)
+
+
+def _with_card_beside(card: ModelCard, source: Path) -> ModelCard:
+    """``card`` with the keys of a card JSON beside ``source`` put over it."""
+    card_path = find_card(source)
+    if card_path is None:
+        return card
+    data = _read_json(card_path)
+    if is_network_spec(data):
+        data = data.get("card", {})
+    return ModelCard.from_dict({**card.to_dict(), **data})
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -72,35 +114,137 @@ def build_network(card: ModelCard, source: Path) -> nn.Module:
     if not card.network or "name" not in card.network:
         raise ModelError(f"the model card for {source.name} has no 'network' entry saying how to build the network")
     name = card.network["name"]
+    if name not in BUILDERS and name.startswith(("monai.", "monai:")):
+        from .monai_models import build_network as build_monai
+
+        return build_monai(name, card.network.get("args", {}))
     if name not in BUILDERS:
         raise ModelError(f"network {name!r} in the model card is unknown; known networks: {', '.join(sorted(BUILDERS))}")
     return BUILDERS[name](**card.network.get("args", {}))
 
 
-def load_model(path: str | Path) -> LoadedModel:
-    """Load a model and its card from ``path``.
+def _load_weights(module: nn.Module, weights: Path) -> None:
+    state = load_state_dict(weights)
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as error:
+        raise ModelError(
+            f"the weights in {weights.name} do not fit the network described for them: {str(error).splitlines()[0]}"
+        ) from error
+
+
+def _card_for_spec(spec: dict[str, Any], source: Path) -> ModelCard:
+    args = spec.get("args", {})
+    name = str(spec["name"])
+    is_monai = name not in BUILDERS
+    network = {"name": name if not is_monai or name.startswith("monai") else f"monai.{name}", "args": args}
+    guessed: dict[str, Any] = {"name": source.stem, "network": network}
+    for key, card_key in (("spatial_dims", "spatial_dims"), ("in_channels", "in_channels")):
+        if isinstance(args.get(key), int):
+            guessed[card_key] = args[key]
+    if is_monai:
+        guessed["transpose"] = [2, 1, 0]  # MONAI's loaders give (I, J, K) arrays
+    return ModelCard.from_dict({**guessed, **spec.get("card", {}), "network": network})
+
+
+def _load_torchscript(source: Path) -> LoadedModel:
+    from .torchscript import load_torchscript
+
+    module = load_torchscript(source)
+    card = _with_card_beside(ModelCard(name=source.stem), source)
+    return LoadedModel(module=module.eval(), card=card, source=source, kind="torchscript")
+
+
+def _load_bundle(folder: Path, trust_code: bool) -> LoadedModel:
+    from . import monai_models
+
+    config_path = next(folder / "configs" / n for n in monai_models._CONFIG_NAMES if (folder / "configs" / n).is_file())
+    config = monai_models._read_config(config_path)
+    card = monai_models.bundle_card(folder, config)
+    weights, script = folder / "models" / "model.pt", folder / "models" / "model.ts"
+    if weights.is_file():
+        module = monai_models.build_bundle_network(config, trust_code=trust_code, bundle=folder)
+        _load_weights(module, weights)
+    elif script.is_file():
+        from .torchscript import load_torchscript
+
+        module = load_torchscript(script)
+    else:
+        raise ModelError(f"the bundle {folder.name} has neither models/model.pt nor models/model.ts")
+    return LoadedModel(module=module.eval(), card=_with_card_beside(card, folder), source=folder, kind="monai-bundle")
+
+
+def _load_nnunet(source: Path) -> LoadedModel:
+    from .nnunet import find_results_folder, load_results_folder
+
+    module, card = load_results_folder(source)
+    folder, _ = find_results_folder(source)
+    return LoadedModel(module=module, card=_with_card_beside(card, folder), source=source, kind="nnunet")
+
+
+def _load_python(source: Path, trust_code: bool) -> LoadedModel:
+    from .python_builder import build_from_file, weights_beside
+
+    module = build_from_file(source, trust_code=trust_code)
+    _load_weights(module, weights_beside(source))
+    card = _with_card_beside(ModelCard(name=source.stem), source)
+    return LoadedModel(module=module.eval(), card=card, source=source, kind="python")
+
+
+def load_model(path: str | Path, *, trust_code: bool = False) -> LoadedModel:
+    """Load a model and its card from ``path`` (any kind in the module docstring's table).
+
+    Args:
+        path: a model file or folder.
+        trust_code: allow running code that comes with the model (a ``.py`` builder, or
+            ``$`` expressions in a MONAI bundle's network definition).
 
     Raises:
         ModelError: the file is missing, unreadable or not a segmentation model.
-        UnsafeModelError: the file would need full unpickling.
+        UnsafeModelError: the file would need full unpickling, or is code and ``trust_code`` is False.
+        MissingDependencyError: the model needs an optional package (the message names the extra).
     """
+    from . import monai_models, nnunet
+    from .torchscript import is_torchscript_file
+
     source = Path(path)
     if not source.exists():
         raise ModelError(f"the model file {source} does not exist")
+    if source.is_dir():
+        if monai_models.is_bundle(source):
+            return _load_bundle(source, trust_code)
+        if nnunet.is_results_folder(nnunet.find_results_folder(source)[0]):
+            return _load_nnunet(source)
+        raise ModelError(
+            f"the folder {source.name} is neither a MONAI bundle (configs/inference.json, models/model.pt) nor an "
+            "nnU-Net v2 results folder (plans.json, dataset.json, fold_N/checkpoint_final.pth)"
+        )
+    if source.suffix == ".py":
+        return _load_python(source, trust_code)
+    if nnunet.is_results_folder(source.parent.parent) and source.parent.name.startswith("fold_"):
+        return _load_nnunet(source)
+    if is_torchscript_file(source):
+        return _load_torchscript(source)
+    if source.suffix == ".json":
+        data = _read_json(source)
+        weights = next((source.with_suffix(s) for s in (".pth", ".pt") if source.with_suffix(s).is_file()), None)
+        if weights is None:
+            raise ModelError(f"no weights beside {source.name}: expected {source.with_suffix('.pth').name}")
+        source = weights
     card_path = find_card(source)
     if card_path is None:
         raise ModelError(
             f"no model card found beside {source.name}: write {source.with_suffix('.json').name} "
             "(see README, 'Model card') describing the network, its classes and its input"
         )
-    card = ModelCard.load(card_path)
+    data = _read_json(card_path)
+    if is_network_spec(data):
+        card, kind = _card_for_spec(data, source), "monai-network"
+        if str(data["name"]) in BUILDERS:
+            kind = "state-dict"
+    else:
+        card, kind = ModelCard.from_dict(data), "state-dict"
     module = build_network(card, source)
-    state = load_state_dict(source)
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as error:
-        raise ModelError(
-            f"the weights in {source.name} do not fit the network in its model card: {str(error).splitlines()[0]}"
-        ) from error
+    _load_weights(module, source)
     module.eval()
-    return LoadedModel(module=module, card=card, source=source, kind="state-dict")
+    return LoadedModel(module=module, card=card, source=source, kind=kind)

@@ -1,0 +1,143 @@
+"""MONAI networks: a bundle folder, or a network given as a JSON spec beside a state dict.
+
+A bundle's ``configs/inference.json`` (or ``.yaml``) describes the network in ``network_def``;
+its values may be plain literals, ``@name`` references to other entries, or ``$expression``
+strings, which are Python code. Plain definitions are built here without running any code;
+a definition with expressions needs ``trust_code=True`` and is then built by MONAI's own
+config parser. Weights come from ``models/model.pt`` (tensors only) or, failing that, the
+TorchScript ``models/model.ts``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..errors import ModelError, UnsafeModelError
+from .card import ModelCard
+from .optional import require
+
+_CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
+
+
+def is_bundle(folder: Path) -> bool:
+    return folder.is_dir() and any((folder / "configs" / name).is_file() for name in _CONFIG_NAMES)
+
+
+def network_class(name: str) -> type[nn.Module]:
+    """The class ``monai.networks.nets.<name>`` (``name`` may carry a ``monai.`` path or ``monai:`` prefix)."""
+    short = name.split(":")[-1].rsplit(".", 1)[-1]
+    nets = require("monai.networks.nets", "monai")
+    cls = getattr(nets, short, None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ModelError(f"{name!r} is not a network in monai.networks.nets; check the spelling (e.g. 'UNet', 'SegResNet')")
+    return cls
+
+
+def build_network(name: str, args: dict[str, Any]) -> nn.Module:
+    """Build ``monai.networks.nets.<name>(**args)``."""
+    cls = network_class(name)
+    try:
+        return cls(**args)
+    except TypeError as error:
+        raise ModelError(f"cannot build MONAI {cls.__name__} with arguments {args}: {error}") from error
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        return json.loads(text)
+    yaml = require("yaml", "monai")
+    return yaml.safe_load(text)
+
+
+def _resolve(value: Any, config: dict[str, Any], seen: tuple[str, ...] = ()) -> Any:
+    """Replace ``@name`` references by their (plain) values; refuse ``$`` expressions."""
+    if isinstance(value, str) and value.startswith("$"):
+        raise UnsafeModelError(
+            f"the bundle's network definition contains the Python expression {value!r}; running it means "
+            "trusting the bundle's code. If you trust it, allow code (command line: --trust-code; the panel "
+            "asks), or replace the expression by its value in configs/inference.json."
+        )
+    if isinstance(value, str) and value.startswith("@"):
+        key = value[1:]
+        if key in seen or key not in config:
+            raise ModelError(f"the bundle's network definition refers to {value!r}, which is {'circular' if key in seen else 'not defined'}")
+        return _resolve(config[key], config, seen + (key,))
+    if isinstance(value, dict):
+        return {k: _resolve(v, config, seen) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolve(v, config, seen) for v in value]
+    return value
+
+
+def build_bundle_network(config: dict[str, Any], *, trust_code: bool, bundle: Path) -> nn.Module:
+    if "network_def" not in config:
+        raise ModelError(f"{bundle.name}: configs/inference has no 'network_def' entry describing the network")
+    try:
+        definition = _resolve(config["network_def"], config)
+    except UnsafeModelError:
+        if not trust_code:
+            raise
+        parser = require("monai.bundle", "monai").ConfigParser(config)
+        return parser.get_parsed_content("network_def")
+    if not isinstance(definition, dict) or "_target_" not in definition:
+        raise ModelError(f"{bundle.name}: 'network_def' must be a mapping with a '_target_' class name")
+    args = {k: v for k, v in definition.items() if not k.startswith("_")}
+    return build_network(str(definition["_target_"]), args)
+
+
+def _find_transform(transforms: Any, *names: str) -> dict[str, Any] | None:
+    if isinstance(transforms, dict):
+        transforms = transforms.get("transforms", [])
+    for transform in transforms if isinstance(transforms, list) else []:
+        if isinstance(transform, dict) and str(transform.get("_target_", "")).rsplit(".", 1)[-1] in names:
+            return transform
+    return None
+
+
+def bundle_card(bundle: Path, config: dict[str, Any]) -> ModelCard:
+    """A model card from the bundle's metadata and preprocessing (what can be read without running code)."""
+    metadata_path = bundle / "configs" / "metadata.json"
+    metadata = json.loads(metadata_path.read_text(encoding="utf-8")) if metadata_path.is_file() else {}
+    data_format = metadata.get("network_data_format", {})
+    inputs = next(iter(data_format.get("inputs", {}).values()), {})
+    outputs = next(iter(data_format.get("outputs", {}).values()), {})
+    definition = config.get("network_def", {})
+    spatial_dims = definition.get("spatial_dims", len(inputs.get("spatial_shape", [0, 0, 0])))
+    spatial_dims = spatial_dims if spatial_dims in (2, 3) else 3  # "@references" or odd shapes: assume 3D
+    in_channels = inputs.get("num_channels", definition.get("in_channels", 1))
+    in_channels = in_channels if isinstance(in_channels, int) else 1
+    channel_def = outputs.get("channel_def", {})
+    class_names = tuple(str(channel_def[key]) for key in sorted(channel_def, key=lambda k: int(k))) if channel_def else ()
+    preprocessing = config.get("preprocessing", {})
+    spacing = orientation = None
+    intensity: dict[str, Any] = {"scheme": "none"}
+    found = _find_transform(preprocessing, "Spacingd", "Spacing")
+    if found and isinstance(found.get("pixdim"), list) and all(isinstance(v, (int, float)) for v in found["pixdim"]):
+        spacing = tuple(float(v) for v in found["pixdim"])
+        spacing = spacing + (None,) * (3 - len(spacing))
+    found = _find_transform(preprocessing, "Orientationd", "Orientation")
+    if found and isinstance(found.get("axcodes"), str):
+        orientation = found["axcodes"]
+    found = _find_transform(preprocessing, "ScaleIntensityRanged", "ScaleIntensityRange")
+    if found and all(isinstance(found.get(k), (int, float)) for k in ("a_min", "a_max")):
+        intensity = {"scheme": "ct-window", "window": [found["a_min"], found["a_max"]],
+                     "range": [found.get("b_min", 0.0), found.get("b_max", 1.0)]}
+    elif _find_transform(preprocessing, "NormalizeIntensityd", "NormalizeIntensity"):
+        intensity = {"scheme": "zscore", "nonzero_only": bool(_find_transform(preprocessing, "NormalizeIntensityd",
+                                                                               "NormalizeIntensity").get("nonzero"))}
+    return ModelCard(
+        name=str(metadata.get("name", bundle.name)),
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        class_names=class_names,
+        spacing=spacing,
+        orientation=orientation,
+        intensity=intensity,
+        transpose=(2, 1, 0),  # MONAI arrays are (I, J, K)
+        extra={"bundle": str(bundle)},
+    )
