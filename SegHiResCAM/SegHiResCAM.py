@@ -1,0 +1,703 @@
+"""SegHiResCAM: explain a segmentation network's prediction for a segment with a class activation map.
+
+This file only binds Slicer to the library (``SegHiResCAMLib``): module metadata, the
+parameter node, the panel, a thin logic that starts the worker process, and the self-test.
+torch is never imported here at module scope; the computation runs in a separate
+``PythonSlicer`` process (see ``SegHiResCAMLib/worker``).
+"""
+
+import enum
+import importlib.util
+import logging
+import os
+import pathlib
+import shutil
+import sys
+from typing import Annotated
+
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+#: Parameter-node fields bound by hand in the widget (their widgets have no GUI connector:
+#: the layer list is filled at run time, the segment selector is a Slicer widget). Every
+#: other field is bound through a ``SlicerParameterName`` property in the .ui file.
+HAND_BOUND_PARAMETERS = ("layer", "roiSegmentId")
+
+#: Torch version the library needs (PyTorch extension installs it on request).
+TORCH_REQUIREMENT = ">=2.1"
+
+
+#
+# SegHiResCAM
+#
+
+
+class SegHiResCAM(ScriptedLoadableModule):
+    """Module metadata (title, category, help, acknowledgement)."""
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("SegHiResCAM")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["SegHiResCAM developers (SlicerSegHiResCAM project)"]
+        self.parent.helpText = _("""
+Explains why a segmentation network predicted a region: pick an image, a model, a layer, the
+class and the segment (the region) to explain, and SegHiResCAM computes a class activation map
+(CAM) and shows it as a heatmap over the image in the slice views (and optionally in 3D).
+<p>What a CAM shows: where, in the chosen layer's features, the evidence lies that raised the
+model's score for that class inside that region. Bright means the model's prediction for the
+region depends on those voxels' features.</p>
+<p>What it does not show: it is not a segmentation, not a probability, and not proof that the
+model is right; it does not tell why features matter, nor whether a clinician would agree.
+Maps are scaled to their own maximum, so brightness cannot be compared between runs. A map
+that is dark everywhere means no positive evidence was found at that layer.</p>
+<p>The computation runs in a separate process: Slicer stays responsive and Cancel stops it.
+See the <a href="https://github.com/SegHiResCAM/SlicerSegHiResCAM#readme">documentation</a>.</p>
+""")
+        self.parent.acknowledgementText = _("""
+Seg-HiRes-Grad CAM: T. Rheude, A. Wirtz, A. Kuijper, S. Wesarg, "Leveraging CAM algorithms for
+explaining medical semantic segmentation", Machine Learning for Biomedical Imaging (MELBA), 2024
+(arXiv:2409.20287). Seg-Grad CAM: K. Vinogradova, A. Dibrov, G. Myers, "Towards interpretable
+semantic segmentation via gradient-weighted class activation mapping", AAAI 2020 (arXiv:2002.11434).
+""")
+
+
+#
+# Choices
+#
+
+
+class CamMethod(enum.Enum):
+    """CAM methods offered in the panel; values are the library's method names."""
+
+    SEG_HIRES_GRAD_CAM = "seg-hires-grad-cam"
+    SEG_GRAD_CAM = "seg-grad-cam"
+    SEG_GRAD_CAM_PP = "seg-grad-cam++"
+    SEG_XGRAD_CAM = "seg-xgrad-cam"
+    SEG_LAYER_CAM = "seg-layer-cam"
+
+    def label(self) -> str:
+        return {
+            "seg-hires-grad-cam": _("Seg-HiRes-Grad CAM"),
+            "seg-grad-cam": _("Seg-Grad CAM"),
+            "seg-grad-cam++": _("Seg-Grad CAM++"),
+            "seg-xgrad-cam": _("Seg-XGrad CAM"),
+            "seg-layer-cam": _("Seg-Layer CAM"),
+        }[self.value]
+
+
+class ComputeDevice(enum.Enum):
+    """Where the worker runs the model."""
+
+    AUTO = "auto"
+    CUDA = "cuda"
+    CPU = "cpu"
+
+    def label(self) -> str:
+        return {"auto": _("Auto (GPU if available)"), "cuda": _("GPU (CUDA)"), "cpu": _("CPU")}[self.value]
+
+
+class SliceAxis(enum.Enum):
+    """For 2D models: the volume array axis (K, J, I) the model is applied along."""
+
+    MODEL_CARD = "card"
+    K = "0"
+    J = "1"
+    I = "2"
+
+    def label(self) -> str:
+        return {
+            "card": _("From model card"),
+            "0": _("K (slices of the volume, usually axial)"),
+            "1": _("J (usually coronal)"),
+            "2": _("I (usually sagittal)"),
+        }[self.value]
+
+    def axis(self):
+        return None if self is SliceAxis.MODEL_CARD else int(self.value)
+
+
+#
+# SegHiResCAMParameterNode
+#
+
+
+@parameterNodeWrapper
+class SegHiResCAMParameterNode:
+    """Every user choice of the panel (saved with the scene).
+
+    inputVolume - the image the model segments.
+    modelPath - the model file (weights + model card, or TorchScript).
+    layer - the explained layer ("" = the model card's default).
+    targetClass - the output channel whose prediction is explained.
+    roiSegmentation, roiSegmentId - the region (segment) explained; none = the model's prediction.
+    method, device, sliceAxis - how to compute (sliceAxis only for 2D models).
+    outputHeatmap - the volume that receives the heatmap (none = create one).
+    opacity, lowerThreshold, showIn3D - how the heatmap is shown (live).
+    """
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    modelPath: pathlib.Path
+    layer: str = ""
+    targetClass: Annotated[int, WithinRange(0, 255)] = 1
+    roiSegmentation: vtkMRMLSegmentationNode
+    roiSegmentId: str = ""
+    method: CamMethod = CamMethod.SEG_HIRES_GRAD_CAM
+    device: ComputeDevice = ComputeDevice.AUTO
+    sliceAxis: SliceAxis = SliceAxis.MODEL_CARD
+    outputHeatmap: vtkMRMLScalarVolumeNode
+    opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+    lowerThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.2
+    showIn3D: bool = False
+
+
+def _hasModelPath(path) -> bool:
+    return path is not None and str(path) not in ("", ".")
+
+
+#
+# SegHiResCAMWidget
+#
+
+
+class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The panel: inputs, method, output display, Apply/Cancel with progress."""
+
+    POLL_INTERVAL_MS = 200
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._job = None
+        self._layersForModel = None
+        self._shownDisplay = None  # (node id, opacity, threshold, show3D) last applied
+        self._pollTimer = None
+
+    def setup(self) -> None:
+        """Load the .ui, bind it, create the logic."""
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/SegHiResCAM.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = SegHiResCAMLogic()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.layerComboBox.connect("currentIndexChanged(int)", self.onLayerChanged)
+        self.ui.roiSegmentSelector.connect("currentSegmentChanged(QString)", self.onSegmentChanged)
+        self.ui.progressBar.visible = False
+
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(self.POLL_INTERVAL_MS)
+        self._pollTimer.connect("timeout()", self.onPollJob)
+
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        """Stop a running job and drop observers when the module is destroyed."""
+        self._cancelJob()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self._cancelJob()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        """Get the module's parameter node and pick a first input volume."""
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolumeNode:
+                self._parameterNode.inputVolume = firstVolumeNode
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        """Bind the GUI to a parameter node (SlicerParameterName widgets + the hand-bound ones)."""
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+            self._onParameterNodeModified()
+
+    # -- keeping the GUI in step -------------------------------------------------------
+    def _onParameterNodeModified(self, caller=None, event=None) -> None:
+        self._refreshLayerList()  # cheap unless the model path changed
+        self._syncSegmentSelector()
+        self._syncLayerSelection()
+        self._applyLiveDisplay()
+        self._checkCanApply()
+
+    def _checkCanApply(self) -> None:
+        if self._job is not None:
+            return  # the button is a Cancel button while a job runs
+        p = self._parameterNode
+        missing = []
+        if not (p and p.inputVolume):
+            missing.append(_("an input volume"))
+        if not (p and _hasModelPath(p.modelPath)):
+            missing.append(_("a model file"))
+        if p and p.roiSegmentation and not p.roiSegmentId:
+            missing.append(_("a segment"))
+        self.ui.applyButton.enabled = not missing
+        self.ui.applyButton.toolTip = (
+            _("Compute the heatmap.") if not missing else _("Select {items}.").format(items=", ".join(missing))
+        )
+
+    def _syncSegmentSelector(self) -> None:
+        p = self._parameterNode
+        segmentation = p.roiSegmentation if p else None
+        selector = self.ui.roiSegmentSelector
+        selector.enabled = segmentation is not None
+        if selector.currentNode() != segmentation:
+            selector.setCurrentNode(segmentation)
+        if segmentation is None:
+            return
+        wanted = p.roiSegmentId
+        if wanted and segmentation.GetSegmentation().GetSegment(wanted) is not None:
+            if selector.currentSegmentID() != wanted:
+                selector.setCurrentSegmentID(wanted)
+        elif (selector.currentSegmentID() or "") != wanted:
+            # A segment ID of another segmentation: follow what the selector shows.
+            self._parameterNode.roiSegmentId = selector.currentSegmentID() or ""
+
+    def onSegmentChanged(self, segmentId) -> None:
+        if self._parameterNode and self._parameterNode.roiSegmentId != (segmentId or ""):
+            self._parameterNode.roiSegmentId = segmentId or ""
+
+    def _refreshLayerList(self) -> None:
+        """Fill the layer list from the model (with output shapes), or from its card without torch."""
+        p = self._parameterNode
+        path = str(p.modelPath) if p and _hasModelPath(p.modelPath) else ""
+        if path == self._layersForModel:
+            return
+        self._layersForModel = path
+        combo = self.ui.layerComboBox
+        wasBlocked = combo.blockSignals(True)
+        try:
+            combo.clear()
+            combo.addItem(_("Model card's default layer"), "")
+            if path and os.path.isfile(path):
+                with slicer.util.tryWithErrorDisplay(_("Failed to read the model's layers."), waitCursor=True):
+                    for name, description in self.logic.describeLayers(path):
+                        combo.addItem(f"{name}  {description}", name)
+        finally:
+            combo.blockSignals(wasBlocked)
+        self._syncLayerSelection()
+
+    def _syncLayerSelection(self) -> None:
+        layer = self._parameterNode.layer if self._parameterNode else ""
+        combo = self.ui.layerComboBox
+        index = combo.findData(layer)
+        if index < 0 and layer:  # a layer typed in a script, not in the list: keep it selectable
+            combo.addItem(layer, layer)
+            index = combo.count - 1
+        if index >= 0 and combo.currentIndex != index:
+            wasBlocked = combo.blockSignals(True)
+            combo.currentIndex = index
+            combo.blockSignals(wasBlocked)
+
+    def onLayerChanged(self, index) -> None:
+        if self._parameterNode is None or index < 0:
+            return
+        layer = self.ui.layerComboBox.itemData(index) or ""
+        if self._parameterNode.layer != layer:
+            self._parameterNode.layer = layer
+
+    def _applyLiveDisplay(self) -> None:
+        """Opacity, threshold and 3D act at once on the heatmap already shown."""
+        p = self._parameterNode
+        node = p.outputHeatmap if p else None
+        if node is None or self._job is not None or not self.logic.isHeatmap(node):
+            return
+        wanted = (node.GetID(), float(p.opacity), float(p.lowerThreshold), bool(p.showIn3D))
+        if wanted == self._shownDisplay:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to update the heatmap display.")):
+            self.logic.updateDisplay(node, opacity=p.opacity, lowerThreshold=p.lowerThreshold, showIn3D=p.showIn3D)
+        self._shownDisplay = wanted
+
+    # -- running -----------------------------------------------------------------------
+    def onApplyButton(self) -> None:
+        """Apply starts a job; while it runs the same button cancels it."""
+        if self._job is not None:
+            self._cancelJob()
+            self.ui.statusLabel.text = _("Cancelled; the scene was left as it was.")
+            return
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the explanation."), waitCursor=True):
+            self.logic.ensureTorch(askConfirmation=True)
+            self._job = self.logic.process(
+                p.inputVolume,
+                p.modelPath,
+                p.roiSegmentation,
+                p.roiSegmentId or None,
+                outputVolume=p.outputHeatmap,
+                layer=p.layer or None,
+                targetClass=p.targetClass,
+                method=p.method,
+                device=p.device,
+                sliceAxis=p.sliceAxis.axis(),
+                opacity=p.opacity,
+                lowerThreshold=p.lowerThreshold,
+                showIn3D=p.showIn3D,
+                waitForCompletion=False,
+                progressCallback=self._onProgress,
+            )
+            self._setRunning(True)
+            self._pollTimer.start()
+
+    def _onProgress(self, fraction: float, message: str) -> None:
+        self.ui.progressBar.value = int(round(100 * fraction))
+        self.ui.progressBar.format = f"{message} (%p%)" if message else "%p%"
+
+    def onPollJob(self) -> None:
+        """Timer tick: handle the worker's events; finish the job when it ends."""
+        job = self._job
+        if job is None:
+            self._pollTimer.stop()
+            return
+        try:
+            ended = job.poll()
+        except Exception as error:  # a failure while showing the result: report, never leave the timer running
+            self._endJob()
+            self.ui.statusLabel.text = _("Failed: {message}").format(message=str(error).splitlines()[0] if str(error) else type(error).__name__)
+            slicer.util.errorDisplay(_("Failed to show the heatmap."), detailedText=str(error))
+            return
+        if not ended:
+            return
+        self._endJob()
+        if job.state == "done":
+            p = self._parameterNode
+            # show_heatmap already applied these display values.
+            self._shownDisplay = (job.output_node.GetID(), float(p.opacity), float(p.lowerThreshold), bool(p.showIn3D))
+            p.outputHeatmap = job.output_node
+            self.ui.statusLabel.text = _("Done on {device} in {seconds:.1f} s.").format(
+                device=job.device or "?", seconds=job.seconds or 0.0
+            ) + ("" if not job.warnings else " " + _("Warnings: {w}").format(w="; ".join(job.warnings)))
+        elif job.state == "failed":
+            message = str(job.error) if job.error is not None else _("unknown error")
+            self.ui.statusLabel.text = _("Failed: {message}").format(message=message)
+            slicer.util.errorDisplay(message, windowTitle=_("SegHiResCAM"))
+
+    def _cancelJob(self) -> None:
+        if self._job is not None:
+            self._job.cancel()
+            self._endJob()
+
+    def _endJob(self) -> None:
+        self._job = None
+        if self._pollTimer is not None:
+            self._pollTimer.stop()
+        self._setRunning(False)
+
+    def _setRunning(self, running: bool) -> None:
+        self.ui.applyButton.text = _("Cancel") if running else _("Apply")
+        self.ui.applyButton.toolTip = _("Stop the computation; nothing is added to the scene.") if running else ""
+        self.ui.applyButton.enabled = True
+        self.ui.progressBar.visible = running
+        if running:
+            self.ui.progressBar.value = 0
+            self.ui.progressBar.format = _("starting the worker (%p%)")
+            self.ui.statusLabel.text = _("Running...")
+        for section in (self.ui.inputsCollapsibleButton, self.ui.methodCollapsibleButton):
+            section.enabled = not running
+        if not running:
+            self._checkCanApply()
+
+    def onReload(self) -> None:
+        """Reload the library too (Slicer reloads only this file)."""
+        self._cancelJob()
+        for name in [n for n in sys.modules if n == "SegHiResCAMLib" or n.startswith("SegHiResCAMLib.")]:
+            del sys.modules[name]
+        ScriptedLoadableModuleWidget.onReload(self)
+
+
+#
+# SegHiResCAMLogic
+#
+
+
+class SegHiResCAMLogic(ScriptedLoadableModuleLogic):
+    """Everything the panel does, callable from the Python console without the GUI.
+
+    Example (Slicer Python console)::
+
+        import SegHiResCAM
+        logic = SegHiResCAM.SegHiResCAMLogic()
+        heatmap = logic.process(volumeNode, "/path/model.pt", segmentationNode, "Segment_1",
+                                layer="decoder.2", targetClass=1, device="cpu")
+    """
+
+    def getParameterNode(self):
+        return SegHiResCAMParameterNode(super().getParameterNode())
+
+    @staticmethod
+    def torchAvailable() -> bool:
+        """True when torch is installed in Slicer's Python (checked without importing it)."""
+        return importlib.util.find_spec("torch") is not None
+
+    def ensureTorch(self, askConfirmation: bool = True) -> None:
+        """Make sure PyTorch is installed, through the PyTorch extension (never pip directly).
+
+        Raises:
+            MissingDependencyError: the PyTorch extension is missing, or installation was declined.
+        """
+        if self.torchAvailable():
+            return
+        from SegHiResCAMLib.errors import MissingDependencyError
+
+        try:
+            import PyTorchUtils
+        except ModuleNotFoundError as error:
+            raise MissingDependencyError(
+                "SegHiResCAM needs PyTorch, which comes with the 'PyTorch' extension: install it from the "
+                "Extensions Manager, restart Slicer, and try again."
+            ) from error
+        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+        if not torchLogic.torchInstalled():
+            torch = torchLogic.installTorch(askConfirmation=askConfirmation, torchVersionRequirement=TORCH_REQUIREMENT)
+            if torch is None:
+                raise MissingDependencyError(
+                    "PyTorch was not installed, and SegHiResCAM cannot run without it; install it from the "
+                    "'PyTorch Utils' module and try again."
+                )
+
+    @staticmethod
+    def pythonExecutable() -> str:
+        """Slicer's own Python launcher, which runs the worker process."""
+        executable = shutil.which("PythonSlicer")
+        if executable is None:
+            candidate = os.path.join(os.path.dirname(sys.executable), "PythonSlicer" + (".exe" if os.name == "nt" else ""))
+            executable = candidate if os.path.isfile(candidate) else None
+        if executable is None:
+            from SegHiResCAMLib.errors import MissingDependencyError
+
+            raise MissingDependencyError("Slicer's PythonSlicer program was not found; reinstall Slicer.")
+        return executable
+
+    def describeLayers(self, modelPath) -> list:
+        """(name, "Type  C×D×H×W") for each explainable layer, the model card's choices first.
+
+        Without torch only the model card's layers are listed, without shapes.
+        """
+        from SegHiResCAMLib.models.card import ModelCard  # json only, no torch
+
+        path = pathlib.Path(modelPath)
+        cards = [c for c in (path.with_suffix(".json"), path.parent / "model.json") if c.is_file()]
+        recommended = list(ModelCard.load(cards[0]).layers) if cards else []
+        if not self.torchAvailable():
+            return [(name, _("(install PyTorch to see shapes)")) for name in recommended]
+        described = {
+            info.name: f"{info.type}  {'×'.join(map(str, info.output_shape[1:]))}"
+            for info in self.listLayers(modelPath)
+            if info.output_shape  # containers and unused modules have no output to explain
+        }
+        first = [name for name in recommended if name in described]
+        return [(name, described[name] + ("  ★" if name in first else "")) for name in first] + [
+            (name, text) for name, text in described.items() if name not in first
+        ]
+
+    def listLayers(self, modelPath) -> list:
+        """The model's layers (``LayerInfo``: name, type, output shape for a small example input)."""
+        from SegHiResCAMLib import list_layers, load_model
+
+        loaded = load_model(modelPath)
+        card = loaded.card
+        step = max(int(card.divisible_by), 1)
+        size = step * max(1, -(-32 // step))  # at least 32 voxels, a multiple of what the model needs
+        return list_layers(loaded.module, (1, card.in_channels) + (size,) * card.spatial_dims)
+
+    def process(
+        self,
+        inputVolume: vtkMRMLScalarVolumeNode,
+        modelPath,
+        segmentationNode=None,
+        segmentId=None,
+        outputVolume=None,
+        layer=None,
+        targetClass: int = 1,
+        method="seg-hires-grad-cam",
+        device="auto",
+        sliceAxis=None,
+        opacity: float = 0.5,
+        lowerThreshold: float = 0.2,
+        showIn3D: bool = False,
+        waitForCompletion: bool = True,
+        progressCallback=None,
+    ):
+        """Compute the CAM of a segment's prediction and show it as a heatmap volume.
+
+        :param inputVolume: the image the model segments.
+        :param modelPath: model file (weights + model card beside it, or TorchScript).
+        :param segmentationNode: segmentation holding the region; None = the model's own prediction.
+        :param segmentId: the segment's ID (or name) in ``segmentationNode``.
+        :param outputVolume: scalar volume to fill; None = create one (only when the run succeeds).
+        :param layer: layer name, or list of names (averaged); None = the model card's default.
+        :param targetClass: the output channel explained.
+        :param method: a method name ("seg-hires-grad-cam", "seg-grad-cam", ...) or ``CamMethod``.
+        :param device: "auto", "cuda", "cpu" or ``ComputeDevice``.
+        :param sliceAxis: for 2D models, array axis 0/1/2 (K/J/I); None = the model card's.
+        :param opacity, lowerThreshold, showIn3D: how the heatmap is shown.
+        :param waitForCompletion: True blocks and returns the heatmap node; False returns the
+            running ``ExplainJob`` (call ``poll()`` from a timer, ``cancel()`` to stop).
+        :param progressCallback: called with (fraction, message).
+        :raises SegHiResCAMError: with the worker's one-line message when the run fails.
+        """
+        from SegHiResCAMLib.mrml.explain_job import ExplainJob, ExplainOptions
+
+        self.ensureTorch(askConfirmation=not slicer.app.testingEnabled())
+        options = ExplainOptions(
+            layer=layer or None,
+            target_class=int(targetClass),
+            method=method.value if isinstance(method, CamMethod) else str(method),
+            device=device.value if isinstance(device, ComputeDevice) else str(device),
+            slice_axis=sliceAxis,
+            opacity=float(opacity),
+            lower_threshold=float(lowerThreshold),
+            show_3d=bool(showIn3D),
+        )
+        job = ExplainJob(
+            slicer.mrmlScene,
+            inputVolume,
+            modelPath,
+            segmentationNode,
+            segmentId,
+            options=options,
+            output_node=outputVolume,
+            python_executable=self.pythonExecutable(),
+            progress=progressCallback,
+            volume_rendering_logic=slicer.modules.volumerendering.logic(),
+        )
+        job.start()
+        if not waitForCompletion:
+            return job
+        heatmap = job.wait()
+        logging.info(f"SegHiResCAM: heatmap computed on {job.device} in {job.seconds:.2f} s")
+        return heatmap
+
+    @staticmethod
+    def isHeatmap(node) -> bool:
+        """True for a volume node that SegHiResCAM made and showed as a heatmap."""
+        from SegHiResCAMLib.mrml.heatmap_display import HEATMAP_ATTRIBUTE
+
+        return node is not None and node.GetImageData() is not None and node.GetAttribute(HEATMAP_ATTRIBUTE) == "1"
+
+    def updateDisplay(self, heatmapNode, opacity: float, lowerThreshold: float, showIn3D: bool) -> None:
+        """Change how a shown heatmap looks (opacity, transparent below a value, 3D rendering)."""
+        from SegHiResCAMLib.mrml import heatmap_display
+
+        heatmap_display.set_heatmap_opacity(slicer.mrmlScene, heatmapNode, opacity)
+        heatmap_display.set_lower_threshold(slicer.mrmlScene, heatmapNode, lowerThreshold)
+        heatmap_display.set_show_in_3d(
+            slicer.mrmlScene, heatmapNode, showIn3D, volume_rendering_logic=slicer.modules.volumerendering.logic()
+        )
+
+
+#
+# SegHiResCAMTest
+#
+
+
+class SegHiResCAMTest(ScriptedLoadableModuleTest):
+    """Runs the logic on CPU with a tiny model shipped in Resources/Models (seconds)."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_heatmap_has_input_geometry_and_mass_on_the_evidence()
+        self.setUp()
+        self.test_missing_segment_gives_clear_error_and_no_node()
+
+    def _syntheticBall(self):
+        """A 32³ noisy volume with one bright ball (the evidence) and a segment covering the ball."""
+        import numpy as np
+
+        rng = np.random.default_rng(1)
+        size, centre, radius = 32, np.array([12.0, 18.0, 15.0]), 5.0
+        grid = np.indices((size, size, size))
+        ball = ((grid - centre[:, None, None, None]) ** 2).sum(0) <= radius**2
+        image = rng.normal(100.0, 10.0, (size,) * 3) + 30.0 * ball
+        ijkToRAS = np.array([[-1.2, 0, 0, 20.0], [0, -1.2, 0, -5.0], [0, 0, 2.0, 7.0], [0, 0, 0, 1]])
+        volume = slicer.util.addVolumeFromArray(image.astype(np.float32), ijkToRAS=ijkToRAS, name="SelfTestImage")
+        labelmap = slicer.util.addVolumeFromArray(
+            ball.astype(np.uint8), ijkToRAS=ijkToRAS, name="SelfTestBall", nodeClassName="vtkMRMLLabelMapVolumeNode"
+        )
+        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "SelfTestSegmentation")
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+        slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelmap, segmentation)
+        slicer.mrmlScene.RemoveNode(labelmap)
+        segmentId = segmentation.GetSegmentation().GetNthSegmentID(0)
+        return volume, segmentation, segmentId, ball, grid, centre, radius
+
+    def _modelPath(self) -> str:
+        return os.path.join(os.path.dirname(__file__), "Resources", "Models", "SelfTestBallUNet.pt")
+
+    def test_heatmap_has_input_geometry_and_mass_on_the_evidence(self):
+        import numpy as np
+
+        self.delayDisplay("Explaining a synthetic ball with the tiny self-test model on CPU")
+        volume, segmentation, segmentId, ball, grid, centre, radius = self._syntheticBall()
+        logic = SegHiResCAMLogic()
+        heatmap = logic.process(
+            volume, self._modelPath(), segmentation, segmentId, targetClass=1, method="seg-hires-grad-cam", device="cpu"
+        )
+        self.assertIsNotNone(heatmap)
+        self.assertEqual(heatmap.GetImageData().GetDimensions(), volume.GetImageData().GetDimensions())
+        expected, actual = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+        volume.GetIJKToRASMatrix(expected)
+        heatmap.GetIJKToRASMatrix(actual)
+        for row in range(4):
+            for col in range(4):
+                self.assertAlmostEqual(actual.GetElement(row, col), expected.GetElement(row, col), places=6)
+        values = slicer.util.arrayFromVolume(heatmap)
+        self.assertTrue(np.isfinite(values).all())
+        self.assertAlmostEqual(float(values.max()), 1.0, places=4)
+        near = ((grid - centre[:, None, None, None]) ** 2).sum(0) <= (radius + 4) ** 2
+        share = float(values[near].sum() / values.sum())
+        self.assertGreater(share, 0.6, f"only {share:.0%} of the heatmap lies on the ball")
+        self.delayDisplay(f"Test passed: {share:.0%} of the heatmap on the evidence")
+
+    def test_missing_segment_gives_clear_error_and_no_node(self):
+        from SegHiResCAMLib.errors import SegHiResCAMError
+
+        volume, segmentation, _segmentId, *_ = self._syntheticBall()
+        before = slicer.mrmlScene.GetNumberOfNodes()
+        with self.assertRaises(SegHiResCAMError):
+            SegHiResCAMLogic().process(volume, self._modelPath(), segmentation, "NoSuchSegment", device="cpu")
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before)
