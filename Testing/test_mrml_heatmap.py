@@ -300,3 +300,22 @@ def test_a_given_volume_rendering_logic_makes_the_rendering_nodes(scene, referen
     assert _opacity_at(rendering, 0.35) == 0.0
     assert _opacity_at(rendering, 1.0) > 0.0
     logic.SetMRMLScene(None)
+
+
+def test_new_heatmap_goes_next_to_the_image_in_the_subject_hierarchy(scene, reference, heat):
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    study = hierarchy.CreateFolderItem(hierarchy.GetSceneItemID(), "Study")
+    if not hierarchy.GetItemByDataNode(reference):
+        hierarchy.CreateItem(study, reference)
+    hierarchy.SetItemParent(hierarchy.GetItemByDataNode(reference), study)
+    node = show_heatmap(scene, heat, reference)
+    assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(node)) == study
+
+
+def test_reference_from_another_scene_raises_input_error(scene, heat):
+    other_scene = new_scene()
+    elsewhere = add_volume(other_scene, np.zeros(SHAPE, np.float32), np.eye(4), name="elsewhere")
+    ids = node_ids(scene)
+    with pytest.raises(InputError, match="'elsewhere' is not in the scene"):
+        show_heatmap(scene, heat, elsewhere)
+    assert node_ids(scene) == ids

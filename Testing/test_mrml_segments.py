@@ -152,7 +152,8 @@ def test_segment_partly_outside_keeps_only_the_inside_part(scene, reference):
     shifted[:3, 3] += 3 * oblique_ijk_to_ras()[:3, 0]  # three voxels along +I
     segmentation = add_segmentation(scene)
     add_segment(segmentation, box_mask(SHAPE, (1, 1, 4), (3, 3, 10)), shifted, "tumor", "Tumor")
-    np.testing.assert_array_equal(segment_mask(segmentation, "tumor", reference), box_mask(SHAPE, (1, 1, 7), (3, 3, 10)))
+    expected = box_mask(SHAPE, (1, 1, 7), (3, 3, 10))
+    np.testing.assert_array_equal(segment_mask(segmentation, "tumor", reference), expected)
 
 
 def test_segmentation_is_not_modified(scene, reference):

@@ -78,6 +78,8 @@ def show_heatmap(
         InputError: the heatmap does not fit the reference volume, or an option is out of range.
     """
     heatmap = _checked_heatmap(heatmap, reference_volume_node)
+    if reference_volume_node.GetScene() is not scene:
+        raise InputError(f"the image '{reference_volume_node.GetName()}' is not in the scene given")
     _check_fraction("opacity", opacity)
     _check_fraction("lower_threshold", lower_threshold)
     if output_node is not None:
@@ -128,7 +130,9 @@ def set_heatmap_opacity(scene: slicer.vtkMRMLScene, node: slicer.vtkMRMLScalarVo
     _update_volume_rendering_functions(node)
 
 
-def set_lower_threshold(scene: slicer.vtkMRMLScene, node: slicer.vtkMRMLScalarVolumeNode, lower_threshold: float) -> None:
+def set_lower_threshold(
+    scene: slicer.vtkMRMLScene, node: slicer.vtkMRMLScalarVolumeNode, lower_threshold: float
+) -> None:
     """Change the value below which the heatmap is transparent (slice views and 3D)."""
     _check_fraction("lower_threshold", lower_threshold)
     _check_heatmap_node(node)
@@ -177,7 +181,8 @@ def heat_color_node(scene: slicer.vtkMRMLScene) -> slicer.vtkMRMLColorNode:
 def heat_palette(size: int = _TABLE_SIZE) -> np.ndarray:
     """The fallback heat palette as ``(size, 3)`` RGB values in [0, 1], dark red to pale yellow."""
     values = np.linspace(0.0, 1.0, size)
-    return np.stack([np.interp(values, _HEAT_ANCHORS[:, 0], _HEAT_ANCHORS[:, channel]) for channel in (1, 2, 3)], axis=1)
+    channels = [np.interp(values, _HEAT_ANCHORS[:, 0], _HEAT_ANCHORS[:, channel]) for channel in (1, 2, 3)]
+    return np.stack(channels, axis=1)
 
 
 def _checked_heatmap(heatmap, reference_volume_node) -> np.ndarray:
@@ -209,9 +214,13 @@ def _check_output_node(scene, output_node, reference_volume_node) -> None:
             f"the output '{output_node.GetName()}' is not a scalar volume; choose a heatmap volume or create a new one"
         )
     if output_node.GetScene() is not scene:
-        raise InputError(f"the output '{output_node.GetName()}' is not in this scene; choose a heatmap volume from this scene")
+        raise InputError(
+            f"the output '{output_node.GetName()}' is not in this scene; choose a heatmap volume from this scene"
+        )
     if output_node.GetID() == reference_volume_node.GetID():
-        raise InputError("the output heatmap cannot be the input image itself; choose another output volume or create a new one")
+        raise InputError(
+            "the output heatmap cannot be the input image itself; choose another output volume or create a new one"
+        )
 
 
 def _check_heatmap_node(node) -> None:
@@ -253,7 +262,12 @@ def _voxels_if_any(node) -> Volume | None:
 
 def _slice_view_layers(scene) -> list[tuple]:
     return [
-        (composite, composite.GetBackgroundVolumeID(), composite.GetForegroundVolumeID(), composite.GetForegroundOpacity())
+        (
+            composite,
+            composite.GetBackgroundVolumeID(),
+            composite.GetForegroundVolumeID(),
+            composite.GetForegroundOpacity(),
+        )
         for composite in _slice_composite_nodes(scene)
     ]
 
@@ -373,6 +387,12 @@ def _place_next_to(scene, node, reference_volume_node) -> None:
         return
     hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
     reference_item = hierarchy.GetItemByDataNode(reference_volume_node)
+    if not reference_item:
+        return
+    parent_item = hierarchy.GetItemParent(reference_item)
     heatmap_item = hierarchy.GetItemByDataNode(node)
-    if reference_item and heatmap_item:
-        hierarchy.SetItemParent(heatmap_item, hierarchy.GetItemParent(reference_item))
+    if heatmap_item:
+        hierarchy.SetItemParent(heatmap_item, parent_item)
+    else:
+        # Without Slicer's subject hierarchy logic (slicer-core) no item was made for the node.
+        hierarchy.CreateItem(parent_item, node)

@@ -144,7 +144,11 @@ def read_png(path: str | os.PathLike) -> np.ndarray:
 
 
 def _check_inputs(scene, background_node, foreground_node, orientation, size, opacity) -> None:
-    if background_node is None or not background_node.IsA("vtkMRMLVolumeNode") or background_node.GetImageData() is None:
+    if (
+        background_node is None
+        or not background_node.IsA("vtkMRMLVolumeNode")
+        or background_node.GetImageData() is None
+    ):
         raise InputError("a background image volume is needed to render a slice")
     for node in (background_node, foreground_node):
         if node is not None and node.GetScene() is not scene:

@@ -125,7 +125,8 @@ def _label_value(segment: slicer.vtkSegment) -> int:
 
 def _labelmap_is_empty(labelmap: slicer.vtkOrientedImageData) -> bool:
     extent = labelmap.GetExtent()
-    return extent[0] > extent[1] or extent[2] > extent[3] or extent[4] > extent[5] or labelmap.GetPointData().GetScalars() is None
+    no_voxels = extent[0] > extent[1] or extent[2] > extent[3] or extent[4] > extent[5]
+    return no_voxels or labelmap.GetPointData().GetScalars() is None
 
 
 def _values_in_reference_grid(image: slicer.vtkOrientedImageData, shape: tuple[int, int, int]) -> np.ndarray:

@@ -98,7 +98,9 @@ def image_data_from_array(array: np.ndarray) -> vtk.vtkImageData:
     else:
         raise InputError(f"a volume array must be (K, J, I) or (C, K, J, I), got shape {array.shape}")
     k_size, j_size, i_size = voxels_last.shape[:3]
-    flat = np.ascontiguousarray(voxels_last).reshape(-1, components) if components > 1 else np.ascontiguousarray(voxels_last).ravel()
+    flat = np.ascontiguousarray(voxels_last).reshape(-1, components)
+    if components == 1:
+        flat = flat.ravel()
     scalars = numpy_support.numpy_to_vtk(flat, deep=True)
     image = vtk.vtkImageData()
     image.SetDimensions(i_size, j_size, k_size)
