@@ -1,0 +1,140 @@
+"""``seghirescam demo`` end to end (on a reduced block): heatmaps on the T1's grid, pictures, report."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from tiny_models import save_tiny_unet
+
+from SegHiResCAMLib.cli import main
+from SegHiResCAMLib.demo_run import DATA_DIR, T1_FILE, WHITE_MATTER_FILE, central_block, share_inside
+from SegHiResCAMLib.io.images import read_image
+from SegHiResCAMLib.volume import Volume
+
+LIBRARY_PARENT = Path(__file__).resolve().parents[1] / "SegHiResCAM"
+SIZE = 24
+METHODS = ("seg-hires-grad-cam", "seg-grad-cam")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """The bundled demo data; where the trained models are not bundled yet, tiny stand-ins beside the real T1."""
+    if (DATA_DIR / "demo_unet3d.pt").is_file() and (DATA_DIR / "demo_unet2d.pt").is_file():
+        return DATA_DIR
+    folder = tmp_path_factory.mktemp("demo_data")
+    for name in (T1_FILE, WHITE_MATTER_FILE):
+        shutil.copy(DATA_DIR / name, folder / name)
+    card = dict(spacing=(2.0, 2.0, 2.0), orientation="RAS", intensity={"scheme": "zscore"})
+    save_tiny_unet(folder, "demo_unet3d", **card)
+    save_tiny_unet(folder, "demo_unet2d", spatial_dims=2, channels=(4, 8, 16), **card)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def demo_run(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo_out")
+    import contextlib
+    import io
+
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(["demo", "--out", str(out), "--size", str(SIZE), "--data", str(data_dir), "--device", "cpu"])
+    return code, out, stdout.getvalue()
+
+
+def assert_same_geometry(path: Path, reference: sitk.Image) -> None:
+    image = sitk.ReadImage(str(path))
+    assert image.GetSize() == reference.GetSize()
+    np.testing.assert_allclose(image.GetOrigin(), reference.GetOrigin(), atol=1e-6)
+    np.testing.assert_allclose(image.GetSpacing(), reference.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(image.GetDirection(), reference.GetDirection(), atol=1e-6)
+
+
+def test_demo_writes_a_heatmap_per_model_and_method_on_the_t1_grid(demo_run, data_dir):
+    code, out, report = demo_run
+    assert code == 0
+    t1 = sitk.ReadImage(str(out / "mni152_t1.nrrd"))
+    assert t1.GetSize() == (SIZE, SIZE, SIZE)
+    # the block is the centre of the bundled T1, voxel for voxel and millimetre for millimetre
+    whole = read_image(data_dir / T1_FILE)
+    starts = [(n - SIZE) // 2 for n in whole.spatial_shape]
+    expected = whole.array[starts[0]:starts[0] + SIZE, starts[1]:starts[1] + SIZE, starts[2]:starts[2] + SIZE]
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(t1), expected)
+    corner_ras = whole.ijk_to_ras @ np.array([*starts[::-1], 1.0])
+    np.testing.assert_allclose(np.array(t1.GetOrigin()) * [-1, -1, 1], corner_ras[:3], atol=1e-6)
+    for model in ("demo_unet3d", "demo_unet2d"):
+        for method in METHODS:
+            heat_path = out / f"{model}_{method}.nrrd"
+            assert_same_geometry(heat_path, t1)
+            heat = sitk.GetArrayFromImage(sitk.ReadImage(str(heat_path)))
+            assert heat.dtype == np.float32 and 0.0 <= heat.min() and heat.max() <= 1.0
+            assert heat_path.name in report
+    assert_same_geometry(out / "white_matter_roi.nrrd", t1)
+    assert str(out.resolve()) in report and "What to look at" in report
+
+
+def test_demo_draws_axial_coronal_and_sagittal_pictures(demo_run):
+    pytest.importorskip("slicer")
+    _, out, report = demo_run
+    for model in ("demo_unet3d", "demo_unet2d"):
+        for method in METHODS:
+            for orientation in ("axial", "coronal", "sagittal"):
+                picture = out / f"{model}_{method}_{orientation}.png"
+                image = sitk.ReadImage(str(picture))
+                assert image.GetNumberOfComponentsPerPixel() == 3 and image.GetSize() == (512, 512)
+                assert picture.name in report
+                pixels = sitk.GetArrayFromImage(image)
+                assert pixels.std() > 0  # a picture, not a blank
+    # a coloured overlay is present: some pixels are not grey
+    pixels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "demo_unet3d_seg-hires-grad-cam_axial.png"))).astype(int)
+    assert (np.abs(pixels[..., 0] - pixels[..., 2]) > 30).any()
+
+
+def test_demo_without_slicer_core_still_writes_heatmaps_and_says_why_no_pictures(data_dir, tmp_path):
+    code = (
+        "import sys\n"
+        "sys.modules['slicer'] = None  # as if slicer-core were not installed: importing it fails\n"
+        "from SegHiResCAMLib.cli import main\n"
+        f"sys.exit(main(['demo', '--quick', '--size', '16', '--data', {str(data_dir)!r}, '--out', {str(tmp_path)!r}]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(LIBRARY_PARENT)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "PNG pictures skipped" in done.stderr and "slicer-core" in done.stderr
+    assert (tmp_path / "demo_unet3d_seg-hires-grad-cam.nrrd").is_file()
+    assert not list(tmp_path.glob("*.png"))
+    assert not (tmp_path / "demo_unet2d_seg-grad-cam.nrrd").exists()  # --quick: the 3D model only
+
+
+def test_demo_with_missing_data_is_one_line_and_exit_1(tmp_path, capsys):
+    assert main(["demo", "--data", str(tmp_path), "--out", str(tmp_path / "out")]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "demo image" in lines[0] and "missing" in lines[0]
+
+
+def test_central_block_keeps_every_voxel_at_its_ras_position():
+    rng = np.random.default_rng(0)
+    matrix = np.array([[0.0, 2.0, 0.0, 5.0], [-1.5, 0.0, 0.0, -7.0], [0.0, 0.0, 3.0, 11.0], [0, 0, 0, 1]])
+    volume = Volume(rng.random((9, 12, 7)).astype(np.float32), matrix)
+    block = central_block(volume, 4)
+    assert block.spatial_shape == (4, 4, 4)
+    starts = np.array([(9 - 4) // 2, (12 - 4) // 2, (7 - 4) // 2])  # K, J, I
+    for k, j, i in [(0, 0, 0), (3, 2, 1), (1, 3, 3)]:
+        assert block.array[k, j, i] == volume.array[k + starts[0], j + starts[1], i + starts[2]]
+        np.testing.assert_allclose(block.ijk_to_ras @ [i, j, k, 1],
+                                   volume.ijk_to_ras @ [i + starts[2], j + starts[1], k + starts[0], 1])
+    assert central_block(volume, 100).spatial_shape == volume.spatial_shape
+
+
+def test_share_inside_is_the_fraction_of_the_map_in_the_roi():
+    heat = np.array([[[1.0, 3.0], [0.0, 0.0]]], np.float32)
+    roi = np.array([[[True, False], [False, False]]])
+    assert share_inside(heat, roi) == pytest.approx(0.25)
+    assert share_inside(np.zeros_like(heat), roi) is None and share_inside(heat, None) is None
