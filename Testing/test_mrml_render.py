@@ -158,3 +158,11 @@ def test_volume_without_display_node_raises_input_error(scene, tmp_path):
     update_node_from_volume(node, Volume(np.zeros(SHAPE, np.float32), np.eye(4)))
     with pytest.raises(InputError, match="'raw' has no display settings"):
         render_slice_png(scene, node, None, tmp_path / "x.png")
+
+
+def test_png_goes_into_new_folders_and_reads_back_identical(scene, tmp_path):
+    reference, heatmap = _setup(scene, axis_aligned_ijk_to_ras())
+    picture = render_slice_rgb(scene, reference, heatmap, "Coronal", size=(33, 21))
+    path = render_slice_png(scene, reference, heatmap, tmp_path / "new" / "dir" / "c.png", "Coronal", size=(33, 21))
+    assert path.endswith("c.png")
+    np.testing.assert_array_equal(read_png(path), picture)

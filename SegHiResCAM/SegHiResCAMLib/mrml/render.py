@@ -10,7 +10,6 @@ the real view instead (``slicer.util.setSliceViewerLayers`` + ScreenCapture).
 
 from __future__ import annotations
 
-import itertools
 import os
 from collections.abc import Sequence
 
@@ -24,7 +23,6 @@ from .scene import ensure_orientation_presets, node_ids, remove_nodes_added_sinc
 from .volumes import matrix_to_numpy
 
 ORIENTATIONS = ("Axial", "Sagittal", "Coronal")
-_layout_numbers = itertools.count(1)
 
 
 def render_slice_png(
@@ -84,7 +82,7 @@ def render_slice_rgb(
     """
     _check_inputs(scene, background_node, foreground_node, orientation, size, opacity)
     width, height = int(size[0]), int(size[1])
-    layout_name = f"SegHiResCAMRender{next(_layout_numbers)}"
+    layout_name = _unused_layout_name(scene)
     ids_before = node_ids(scene)
     logic = slicer.vtkMRMLSliceLogic()
     logic.SetMRMLScene(scene)
@@ -111,8 +109,16 @@ def render_slice_rgb(
 
 
 def write_png(rgb: np.ndarray, path: str | os.PathLike) -> str:
-    """Write a ``(height, width, 3)`` uint8 array (row 0 at the top) to a PNG file with VTK."""
+    """Write a ``(height, width, 3)`` uint8 array (row 0 at the top) to a PNG file with VTK.
+
+    Missing folders on the way are created, as the volume writer does.
+    """
     path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        raise OSError(f"could not create the folder '{folder}' for the picture '{path}': {error}") from error
     height, width = rgb.shape[:2]
     image = vtk.vtkImageData()
     image.SetDimensions(width, height, 1)
@@ -163,6 +169,17 @@ def _check_inputs(scene, background_node, foreground_node, orientation, size, op
         raise InputError(f"size must be (width, height) in pixels, got {size}")
     if not 0.0 <= float(opacity) <= 1.0:
         raise InputError(f"opacity must be between 0 and 1, got {opacity}")
+
+
+def _unused_layout_name(scene) -> str:
+    used = {
+        scene.GetNthNodeByClass(index, "vtkMRMLSliceNode").GetLayoutName()
+        for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceNode"))
+    }
+    number = 1
+    while f"SegHiResCAMRender{number}" in used:
+        number += 1
+    return f"SegHiResCAMRender{number}"
 
 
 def _move_slice(logic, slice_node, offset_ras) -> None:
