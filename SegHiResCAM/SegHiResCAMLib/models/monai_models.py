@@ -11,6 +11,8 @@ TorchScript ``models/model.ts``.
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +113,14 @@ def bundle_card(bundle: Path, config: dict[str, Any]) -> ModelCard:
     spatial_dims = spatial_dims if spatial_dims in (2, 3) else 3  # "@references" or odd shapes: assume 3D
     in_channels = inputs.get("num_channels", definition.get("in_channels", 1))
     in_channels = in_channels if isinstance(in_channels, int) else 1
+    divisible_by = 1
+    for size in inputs.get("spatial_shape", []):  # MONAI writes e.g. "16*n" for multiples of 16
+        match = re.fullmatch(r"\s*(\d+)\s*\*\s*n\s*", str(size))
+        if match:
+            divisible_by = max(divisible_by, int(match.group(1)))
+    strides = definition.get("strides")
+    if divisible_by == 1 and isinstance(strides, list) and all(isinstance(v, int) for v in strides):
+        divisible_by = int(math.prod(strides))  # UNet-like networks: each stride divides the size
     channel_def = outputs.get("channel_def", {})
     class_names = tuple(str(channel_def[key]) for key in sorted(channel_def, key=lambda k: int(k))) if channel_def else ()
     preprocessing = config.get("preprocessing", {})
@@ -138,6 +148,7 @@ def bundle_card(bundle: Path, config: dict[str, Any]) -> ModelCard:
         spacing=spacing,
         orientation=orientation,
         intensity=intensity,
+        divisible_by=divisible_by,
         transpose=(2, 1, 0),  # MONAI arrays are (I, J, K)
         extra={"bundle": str(bundle)},
     )

@@ -1,0 +1,136 @@
+"""MONAI bundles and MONAI networks given as a JSON spec: loaded networks explain like the originals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from SegHiResCAMLib import explain
+from SegHiResCAMLib.errors import ModelError, UnsafeModelError
+from SegHiResCAMLib.models.loading import load_model
+from SegHiResCAMLib.models.preprocess import prepare_input
+from SegHiResCAMLib.pipeline import explain_volume
+from SegHiResCAMLib.volume import Volume
+
+from model_kinds import blob_image
+
+nets = pytest.importorskip("monai.networks.nets")
+
+UNET_ARGS = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [4, 8, 16], "strides": [2, 2],
+             "num_res_units": 1}
+LAYER = "model.1.submodule.2"  # decoder block at half resolution
+
+
+def monai_unet() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return nets.UNet(**UNET_ARGS).eval()
+
+
+def write_bundle(folder, model, *, network_def=None, torchscript=False):
+    (folder / "configs").mkdir(parents=True)
+    (folder / "models").mkdir()
+    config = {
+        "channels": UNET_ARGS["channels"],
+        "network_def": network_def or {"_target_": "UNet", **{k: v for k, v in UNET_ARGS.items() if k != "channels"},
+                                       "channels": "@channels"},
+        "preprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "LoadImaged", "keys": "image"},
+            {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS"},
+            {"_target_": "Spacingd", "keys": "image", "pixdim": [1.5, 1.5, 2.0]},
+            {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": -57, "a_max": 164, "b_min": 0.0,
+             "b_max": 1.0, "clip": True},
+        ]},
+    }
+    (folder / "configs" / "inference.json").write_text(json.dumps(config))
+    metadata = {"name": "Tiny spleen", "network_data_format": {
+        "inputs": {"image": {"num_channels": 1, "spatial_shape": ["4*n", "4*n", "4*n"]}},
+        "outputs": {"pred": {"num_channels": 2, "channel_def": {"0": "background", "1": "spleen"}}}}}
+    (folder / "configs" / "metadata.json").write_text(json.dumps(metadata))
+    if torchscript:
+        torch.jit.save(torch.jit.script(model), str(folder / "models" / "model.ts"))
+    else:
+        torch.save(model.state_dict(), folder / "models" / "model.pt")
+    return folder
+
+
+def _assert_explains_like(loaded_module, model, shape=(16, 16, 16)):
+    image = blob_image(shape, seed=4)
+    for method in ("seg-hires-grad-cam", "seg-grad-cam"):
+        expected = explain(model, image, layer=LAYER, target_class=1, method=method, device="cpu")
+        got = explain(loaded_module, image, layer=LAYER, target_class=1, method=method, device="cpu")
+        assert expected.max() > 0
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+
+
+def test_bundle_with_state_dict_loads_and_explains_identically(tmp_path):
+    model = monai_unet()
+    loaded = load_model(write_bundle(tmp_path / "spleen", model))
+    assert loaded.kind == "monai-bundle"
+    _assert_explains_like(loaded.module, model)
+
+
+def test_bundle_card_is_read_from_metadata_and_preprocessing(tmp_path):
+    card = load_model(write_bundle(tmp_path / "spleen", monai_unet())).card
+    assert card.name == "Tiny spleen" and card.class_names == ("background", "spleen")
+    assert card.spatial_dims == 3 and card.in_channels == 1
+    assert card.divisible_by == 4 and card.orientation == "RAS" and card.spacing == (1.5, 1.5, 2.0) and card.transpose == (2, 1, 0)
+    assert card.intensity == {"scheme": "ct-window", "window": [-57, 164], "range": [0.0, 1.0]}
+
+
+def test_bundle_with_torchscript_only_explains_identically(tmp_path):
+    model = monai_unet()
+    loaded = load_model(write_bundle(tmp_path / "spleen", model, torchscript=True))
+    assert type(loaded.module).__name__ == "ScriptedModel"
+    _assert_explains_like(loaded.module, model)
+
+
+def test_bundle_expression_needs_trusted_code(tmp_path):
+    model = monai_unet()
+    definition = {"_target_": "monai.networks.nets.UNet", **UNET_ARGS, "channels": "$[4, 8, 16]"}
+    folder = write_bundle(tmp_path / "spleen", model, network_def=definition)
+    with pytest.raises(UnsafeModelError, match="--trust-code"):
+        load_model(folder)
+    _assert_explains_like(load_model(folder, trust_code=True).module, model)
+
+
+def test_card_beside_bundle_overrides_what_was_read(tmp_path):
+    folder = write_bundle(tmp_path / "spleen", monai_unet())
+    (folder / "model.json").write_text(json.dumps({"layers": [LAYER], "spacing": None}))
+    card = load_model(folder).card
+    assert card.default_layer == LAYER and card.spacing is None and card.orientation == "RAS"
+
+
+def test_network_spec_json_plus_state_dict(tmp_path):
+    model = monai_unet()
+    torch.save(model.state_dict(), tmp_path / "unet.pth")
+    (tmp_path / "unet.json").write_text(json.dumps({"name": "UNet", "args": UNET_ARGS,
+                                                    "card": {"class_names": ["background", "organ"]}}))
+    for path in (tmp_path / "unet.pth", tmp_path / "unet.json"):
+        loaded = load_model(path)
+        assert loaded.kind == "monai-network" and loaded.card.class_names == ("background", "organ")
+        assert loaded.card.transpose == (2, 1, 0)
+    _assert_explains_like(loaded.module, model)
+
+
+def test_unknown_monai_network_name_is_explained(tmp_path):
+    torch.save({}, tmp_path / "net.pth")
+    (tmp_path / "net.json").write_text(json.dumps({"name": "NoSuchNet", "args": {}}))
+    with pytest.raises(ModelError, match="not a network in monai.networks.nets"):
+        load_model(tmp_path / "net.pth")
+
+
+def test_bundle_heatmap_comes_back_in_the_volume_grid(tmp_path):
+    loaded = load_model(write_bundle(tmp_path / "spleen", monai_unet()))
+    ijk_to_ras = np.diag([-1.0, -1.0, 2.5, 1.0])  # LPS-like axes, anisotropic: needs reorienting and resampling
+    volume = Volume(blob_image((10, 20, 20))[0] * 200.0, ijk_to_ras)
+    prepared = prepare_input(volume, loaded.card)
+    # (I, J, K) at 1.5 x 1.5 x 2.0 mm is 13.3 x 13.3 x 12.5 -> 13 x 13 x 12 (round half to even, as
+    # nnU-Net), padded to multiples of 4 ("4*n" in the metadata)
+    assert prepared.image.shape == (1, 16, 16, 12)
+    maps, _ = explain_volume(loaded, volume, target_class="spleen", layer=LAYER, device="cpu")
+    heat = maps["seg-hires-grad-cam"]
+    assert heat.array.shape == (10, 20, 20)
+    np.testing.assert_array_equal(heat.ijk_to_ras, ijk_to_ras)
