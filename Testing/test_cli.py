@@ -156,6 +156,30 @@ def test_unknown_method_and_class_are_one_line_with_the_choices(files, capsys):
     assert not (folder / "x.nrrd").exists()
 
 
+def test_python_builder_model_needs_trust_code(files, capsys):
+    folder, model = files
+    builder = folder / "mynet.py"
+    builder.write_text(
+        "from SegHiResCAMLib.models.unet import UNet\n\n\n"
+        "def build_model():\n"
+        "    return UNet(spatial_dims=3, in_channels=1, out_channels=3, channels=(4, 8))\n"
+    )
+    (folder / "mynet.pth").write_bytes(model.read_bytes())
+    (folder / "mynet.json").write_text('{"class_names": ["background", "grey matter", "white matter"], '
+                                       '"layers": ["bottleneck"], "divisible_by": 2}')
+    base = ["explain", "--image", folder / "t1.nrrd", "--model", builder, "--class", "2",
+            "--out", folder / "heat_builder.nrrd"]
+    code, _, stderr = run(base, capsys)
+    assert code == 1 and "--trust-code" in one_error_line(stderr)
+    code, _, stderr = run([*base, "--trust-code"], capsys)
+    assert code == 0, stderr
+    # the same weights through the state-dict loader give the same map
+    code, _, _ = run(["explain", "--image", folder / "t1.nrrd", "--model", model, "--class", "2",
+                      "--out", folder / "heat_statedict.nrrd"], capsys)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "heat_builder.nrrd"))),
+                                  sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "heat_statedict.nrrd"))))
+
+
 def test_usage_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["explain", "--image", "a.nrrd"])

@@ -11,7 +11,6 @@ No slicer, qt or vtk import here: the worker must run with any plain Python that
 
 from __future__ import annotations
 
-import inspect
 import logging
 import sys
 import time
@@ -52,12 +51,10 @@ def one_line(error: BaseException | str) -> str:
 
 
 def load_model_for(path: str | Path, *, trust_code: bool = False):
-    """``load_model`` with ``trust_code`` passed only to loaders that know it (and asked for)."""
+    """``load_model``, imported only when needed (it imports torch)."""
     from ..models.loading import load_model
 
-    if trust_code and "trust_code" in inspect.signature(load_model).parameters:
-        return load_model(path, trust_code=True)
-    return load_model(path)
+    return load_model(path, trust_code=trust_code)
 
 
 def _warning_relay(sink: EventSink) -> Callable[[str], None]:
