@@ -83,3 +83,95 @@ def hooked(model: nn.Module, x: torch.Tensor, layers: list[str]) -> tuple[torch.
         for handle in handles:
             handle.remove()
     return output, [captured[name] for name in layers]
+
+
+# ----------------------------------------------------------------------------- nnU-Net v2 folders
+
+NNUNET_ARCH = {
+    "n_stages": 3,
+    "features_per_stage": [4, 8, 16],
+    "conv_op": "torch.nn.modules.conv.Conv3d",
+    "kernel_sizes": [[3, 3, 3], [3, 3, 3], [3, 3, 3]],
+    "strides": [[1, 1, 1], [2, 2, 2], [1, 2, 2]],
+    "n_conv_per_stage_decoder": [1, 1],
+    "conv_bias": True,
+    "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+    "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+    "dropout_op": None,
+    "dropout_op_kwargs": None,
+    "nonlin": "torch.nn.LeakyReLU",
+    "nonlin_kwargs": {"inplace": True},
+}
+NNUNET_CLASSES = {"background": 0, "liver": 1, "tumour": 2}
+CT_PROPERTIES = {"mean": 50.0, "std": 80.0, "percentile_00_5": -100.0, "percentile_99_5": 300.0,
+                 "max": 900.0, "min": -1000.0, "median": 40.0}
+
+
+def nnunet_network(class_name: str = "PlainConvUNet", seed: int = 0) -> nn.Module:
+    """The network nnU-Net itself would build from :func:`write_nnunet_folder`'s plans."""
+    import dynamic_network_architectures.architectures.unet as unets
+
+    kwargs = dict(NNUNET_ARCH, conv_op=nn.Conv3d, norm_op=nn.InstanceNorm3d, nonlin=nn.LeakyReLU)
+    kwargs["n_blocks_per_stage" if class_name == "ResidualEncoderUNet" else "n_conv_per_stage"] = [1, 1, 1]
+    torch.manual_seed(seed)
+    network = getattr(unets, class_name)(input_channels=1, num_classes=len(NNUNET_CLASSES), deep_supervision=False,
+                                         **kwargs)
+    for module in network.modules():  # instance norm affine parameters away from 1 / 0
+        if isinstance(module, nn.InstanceNorm3d):
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.3, 0.3)
+    return network.eval()
+
+
+def write_nnunet_folder(root, network: nn.Module, *, class_name: str = "PlainConvUNet", old_plans: bool = False,
+                        transpose=(2, 0, 1), spacing=(2.0, 1.0, 1.0), extra_pickle=None):
+    """Write an nnU-Net v2 results folder (plans, dataset, fold_0/checkpoint_final.pth) as nnU-Net lays it out."""
+    import json
+    from pathlib import Path
+
+    folder = Path(root) / "Dataset001_Tiny" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    (folder / "fold_0").mkdir(parents=True)
+    configuration = {
+        "data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor", "batch_size": 2,
+        "patch_size": [16, 16, 16], "median_image_size_in_voxels": [20, 24, 24], "spacing": list(spacing),
+        "normalization_schemes": ["CTNormalization"], "use_mask_for_norm": [False],
+    }
+    blocks = [1, 1, 1]
+    if old_plans:
+        configuration.update({
+            "UNet_class_name": class_name, "UNet_base_num_features": 4, "unet_max_num_features": 16,
+            "n_conv_per_stage_encoder": blocks, "n_conv_per_stage_decoder": [1, 1],
+            "pool_op_kernel_sizes": NNUNET_ARCH["strides"], "conv_kernel_sizes": NNUNET_ARCH["kernel_sizes"],
+        })
+    else:
+        arch = dict(NNUNET_ARCH)
+        arch["n_blocks_per_stage" if class_name == "ResidualEncoderUNet" else "n_conv_per_stage"] = blocks
+        configuration["architecture"] = {
+            "network_class_name": f"dynamic_network_architectures.architectures.unet.{class_name}",
+            "arch_kwargs": arch, "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
+    plans = {
+        "dataset_name": "Dataset001_Tiny", "plans_name": "nnUNetPlans", "image_reader_writer": "SimpleITKIO",
+        "transpose_forward": list(transpose), "transpose_backward": [int(i) for i in np.argsort(transpose)],
+        "configurations": {"3d_fullres": configuration},
+        "foreground_intensity_properties_per_channel": {"0": CT_PROPERTIES},
+    }
+    dataset = {"channel_names": {"0": "CT"}, "labels": NNUNET_CLASSES, "numTraining": 3, "file_ending": ".nii.gz",
+               "name": "Tiny"}
+    (folder / "plans.json").write_text(json.dumps(plans, indent=1))
+    (folder / "dataset.json").write_text(json.dumps(dataset, indent=1))
+    checkpoint = {
+        "network_weights": network.state_dict(),
+        "optimizer_state": {"state": {}, "param_groups": [{"lr": 0.01, "momentum": 0.99}]},
+        "grad_scaler_state": None,
+        "logging": {"train_losses": [np.float64(0.9), np.float64(0.5)], "ema_fg_dice": [np.float32(0.3)]},
+        "_best_ema": np.float64(0.8),
+        "current_epoch": 1000,
+        "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": 0, "dataset_json": dataset,
+                      "device": torch.device("cpu")},
+        "trainer_name": "nnUNetTrainer",
+        "inference_allowed_mirroring_axes": (0, 1, 2),
+    }
+    if extra_pickle is not None:
+        checkpoint["extra"] = extra_pickle
+    torch.save(checkpoint, folder / "fold_0" / "checkpoint_final.pth")
+    return folder

@@ -232,7 +232,8 @@ def card_for(folder: Path, plans: dict[str, Any], dataset: dict[str, Any], confi
     )
 
 
-def _configuration_name(folder: Path, checkpoint: dict | None, plans: dict[str, Any]) -> str:
+def _configuration_name(folder: Path, plans: dict[str, Any]) -> str:
+    """From the folder name (``Trainer__Plans__configuration``), else 3d_fullres, 2d, the first."""
     parts = folder.name.split("__")
     if len(parts) == 3 and parts[2] in plans.get("configurations", {}):
         return parts[2]
@@ -251,7 +252,7 @@ def load_results_folder(path: Path) -> tuple[nn.Module, ModelCard]:
         dataset = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
         raise ModelError(f"cannot read plans.json / dataset.json in {folder}: {error}") from error
-    configuration = _configuration_name(folder, None, plans)
+    configuration = _configuration_name(folder, plans)
     config = _configuration(plans, configuration)
     channels = len(dataset.get("channel_names", dataset.get("modality", {"0": "image"})))
     class_names, _ = _labels(dataset)
