@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 
 from SegHiResCAMLib.errors import InputError
-from SegHiResCAMLib.io.images import read_image, read_mask, same_grid, write_image
+from SegHiResCAMLib.io.images import check_output_path, read_image, read_mask, same_grid, write_image
 from SegHiResCAMLib.volume import Volume
 
 ORIGIN = (-12.5, 30.25, 7.0)
@@ -245,3 +245,11 @@ def test_same_grid_tells_grids_apart():
     assert same_grid(Volume(np.ones((3, 4, 5)), np.diag([1.0, 2.0, 3.0, 1.0])), volume)
     assert not same_grid(Volume(np.ones((3, 4, 6)), np.diag([1.0, 2.0, 3.0, 1.0])), volume)
     assert not same_grid(Volume(np.ones((3, 4, 5)), np.diag([1.0, 2.0, 3.1, 1.0])), volume)
+
+
+def test_output_path_check_names_the_problem(tmp_path):
+    assert check_output_path(tmp_path / "heat.nii.gz") == tmp_path / "heat.nii.gz"
+    with pytest.raises(InputError, match="file type is unknown; use one of .nrrd"):
+        check_output_path(tmp_path / "heat.txt")
+    with pytest.raises(InputError, match="folder .*missing does not exist"):
+        check_output_path(tmp_path / "missing" / "heat.nrrd")

@@ -17,6 +17,9 @@ import SimpleITK as sitk
 from ..errors import InputError
 from ..volume import Volume, ijk_to_ras_from_itk, itk_geometry_from_ijk_to_ras
 
+# Formats a heatmap can be written in (SimpleITK picks the writer from the name).
+WRITABLE_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
+
 # Two grids closer than this (mm, or direction cosine) are the same grid.
 GEOMETRY_TOLERANCE = 1e-4
 
@@ -116,6 +119,23 @@ def read_image(path: str | Path) -> Volume:
     image = read_itk_image(source)
     _check_scalar_3d(image, source)
     return _volume_from_itk(image)
+
+
+def check_output_path(path: str | Path) -> Path:
+    """Fail early (before a long computation) when ``path`` cannot take a written volume.
+
+    Raises:
+        InputError: unknown file type, or a folder that does not exist.
+    """
+    target = Path(path)
+    name = target.name.lower()
+    if not name.endswith(WRITABLE_SUFFIXES):
+        raise InputError(
+            f"cannot write {target}: the file type is unknown; use one of {', '.join(WRITABLE_SUFFIXES)}"
+        )
+    if not target.parent.is_dir():
+        raise InputError(f"cannot write {target}: the folder {target.parent} does not exist")
+    return target
 
 
 def write_image(volume: Volume, path: str | Path, *, compress: bool = True) -> Path:

@@ -80,7 +80,7 @@ def execute(request: Request, sink: EventSink) -> RunResult:
     Raises:
         SegHiResCAMError: any problem a user can fix (its message is one sentence).
     """
-    from ..io.images import read_image, read_mask, write_image
+    from ..io.images import check_output_path, read_image, read_mask, write_image
     from ..pipeline import explain_volume
 
     started = time.perf_counter()
@@ -97,9 +97,7 @@ def execute(request: Request, sink: EventSink) -> RunResult:
         roi = None
         if request.roi:
             roi = read_mask(request.roi, image, label=request.roi_label)
-        output = Path(request.output)
-        if not output.parent.is_dir():  # fail before the slow part, not after it
-            raise InputError(f"cannot write {output}: the folder {output.parent} does not exist")
+        output = check_output_path(request.output)  # fail before the slow part, not after it
         progress(0.0, f"loading the model {Path(request.model).name}")
         loaded = load_model_for(request.model, trust_code=request.trust_code)
         maps, explanation = explain_volume(
