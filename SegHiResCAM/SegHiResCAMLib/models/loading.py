@@ -103,8 +103,10 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 "the network with torch.jit.script/trace, and try again."
             ) from error
         raise ModelError(f"cannot read the model file {path}: {message.splitlines()[0]}") from error
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
+    for key in ("state_dict", "model", "network_weights"):  # Lightning, MONAI checkpoints, nnU-Net
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"{path.name} is not a state dict (a mapping of names to tensors)")
     return state
