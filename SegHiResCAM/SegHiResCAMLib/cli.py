@@ -16,6 +16,7 @@ from typing import Any, TextIO
 
 from . import __version__
 from .errors import InputError, SegHiResCAMError
+from .worker.main import one_line
 
 PROG = "seghirescam"
 DEVICES = ("auto", "cpu", "cuda")
@@ -234,11 +235,6 @@ def run_demo_command(args: argparse.Namespace) -> int:
 COMMANDS = {"explain": run_explain, "layers": run_layers, "demo": run_demo_command}
 
 
-def _one_line(error: BaseException) -> str:
-    text = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
-    return text or type(error).__name__
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 error, 2 usage)."""
     parser = build_parser()
@@ -248,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     except SegHiResCAMError as error:
         if args.debug:
             traceback.print_exc()
-        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr, flush=True)
+        print(f"{PROG}: error: {one_line(error)}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr, flush=True)
@@ -256,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001 - a command line reports, it does not dump tracebacks
         if args.debug:
             traceback.print_exc()
-        print(f"{PROG}: error: unexpected {type(error).__name__}: {_one_line(error)} (rerun with --debug for details)",
+        print(f"{PROG}: error: unexpected {type(error).__name__}: {one_line(error)} (rerun with --debug for details)",
               file=sys.stderr, flush=True)
         return 1
 

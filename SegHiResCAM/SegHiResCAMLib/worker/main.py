@@ -86,7 +86,7 @@ def execute(request: Request, sink: EventSink) -> RunResult:
     started = time.perf_counter()
     relay = _warning_relay(sink)
     with warnings.catch_warnings():
-        warnings.simplefilter("default")
+        warnings.simplefilter("always")  # the relay sends each distinct message once
         warnings.showwarning = lambda message, *args, **kwargs: relay(str(message))
 
         def progress(fraction: float, message: str) -> None:
