@@ -116,3 +116,22 @@ def test_plans_may_only_name_network_classes(tmp_path):
     (folder / "plans.json").write_text(json.dumps(plans))
     with pytest.raises(UnsafeModelError, match="only classes from dynamic_network_architectures"):
         load_model(folder)
+
+
+def test_checkpoint_written_with_numpy_1_names_loads(tmp_path):
+    """nnU-Net checkpoints from numpy 1 name numpy.core.multiarray.scalar in their training logs."""
+    import zipfile
+
+    import torch
+
+    from SegHiResCAMLib.models.nnunet import load_checkpoint
+
+    torch.save({"network_weights": {"w": torch.ones(2)}, "logging": {"loss": [np.float64(0.5)]}}, tmp_path / "new.pth")
+    with zipfile.ZipFile(tmp_path / "new.pth") as source, zipfile.ZipFile(tmp_path / "old.pth", "w") as target:
+        for info in source.infolist():
+            data = source.read(info.filename)
+            if info.filename.endswith("data.pkl"):
+                assert b"numpy._core.multiarray" in data
+                data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+            target.writestr(info.filename, data)
+    assert list(load_checkpoint(tmp_path / "old.pth")) == ["w"]

@@ -14,7 +14,8 @@ from SegHiResCAMLib.models.torchscript import ScriptedModel
 from model_kinds import blob_image, hooked, scriptable_unet
 
 SHAPES = {2: (16, 16), 3: (8, 8, 8)}
-LAYERS = ["dec.1.conv.conv", "mid", "dec.0", "head", "enc.1.act", "dec.1.up"]
+# nested names in any order: "dec.1.conv.conv" comes before "dec.1" and "dec.1.conv", which contain it
+LAYERS = ["dec.1.conv.conv", "mid", "dec.0", "head", "enc.1.act", "dec.1.up", "dec.1", "dec.1.conv"]
 
 
 def _export(model, dims: int, how: str, folder) -> str:

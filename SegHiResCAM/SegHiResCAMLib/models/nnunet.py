@@ -67,8 +67,11 @@ def _pick_checkpoint(folder: Path) -> Path:
 def _safe_numpy_globals() -> list[Any]:
     """Numpy types that checkpoints store in their training logs: plain data, no code."""
     core = getattr(np, "_core", None) or np.core
-    names = [core.multiarray.scalar, np.dtype, core.multiarray._reconstruct, np.ndarray]
+    names: list[Any] = [core.multiarray.scalar, np.dtype, core.multiarray._reconstruct, np.ndarray]
     names += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")]
+    # checkpoints written with numpy 1 name the same functions under numpy.core
+    names += [(core.multiarray.scalar, "numpy.core.multiarray.scalar"),
+              (core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct")]
     return names
 
 

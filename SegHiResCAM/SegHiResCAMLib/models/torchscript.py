@@ -86,13 +86,15 @@ def _inline_call(graph: torch._C.Graph, node: torch._C.Node, callee: torch._C.Gr
 def capture_graph(scripted: torch.jit.ScriptModule, layers: Sequence[str]) -> torch._C.Graph:
     """A copy of ``scripted.forward``'s graph that also returns the outputs of ``layers``.
 
+    The extra outputs come in :func:`capture_order`, after the model's own output.
+
     Raises:
         LayerError: a layer is not a submodule, is never called by ``forward``, is called more
             than once, or is called inside a loop or branch (its value is then not unique).
     """
     graph = scripted.forward.graph.copy()
     root = next(iter(graph.inputs()))
-    for layer in layers:
+    for layer in capture_order(layers):
         while True:
             calls = _calls(graph, root)
             outer = [(path, node) for path, node in calls if layer.startswith(path + ".")]
@@ -122,6 +124,12 @@ def capture_graph(scripted: torch.jit.ScriptModule, layers: Sequence[str]) -> to
     if len(layers):
         graph.makeMultiOutputIntoTuple()  # functions return one value
     return graph
+
+
+def capture_order(layers: Sequence[str]) -> list[str]:
+    """Outer layers first: inlining a block to reach a layer inside it removes the block's own call,
+    but an output registered before is carried over to the inlined value."""
+    return sorted(layers, key=lambda name: name.count("."))
 
 
 def _name_list(scripted: nn.Module, limit: int = 12) -> str:
@@ -202,4 +210,5 @@ class ScriptedModel(nn.Module):
         results = list(results)
         count = len(key)
         output = results[0] if len(results) == count + 1 else tuple(results[:-count])
-        return self._first(output), results[-count:]
+        by_name = dict(zip(capture_order(key), results[-count:]))
+        return self._first(output), [by_name[name] for name in key]
