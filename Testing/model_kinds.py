@@ -85,6 +85,49 @@ def hooked(model: nn.Module, x: torch.Tensor, layers: list[str]) -> tuple[torch.
     return output, [captured[name] for name in layers]
 
 
+# ----------------------------------------------------------------------------- MONAI bundles
+
+UNET_ARGS = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [4, 8, 16], "strides": [2, 2],
+             "num_res_units": 1}
+
+
+def monai_unet() -> nn.Module:
+    from monai.networks import nets
+
+    torch.manual_seed(0)
+    return nets.UNet(**UNET_ARGS).eval()
+
+
+def write_bundle(folder, model, *, network_def=None, torchscript=False):
+    """A MONAI bundle folder as MONAI's model zoo lays them out (configs/, models/)."""
+    import json
+
+    (folder / "configs").mkdir(parents=True)
+    (folder / "models").mkdir()
+    config = {
+        "channels": UNET_ARGS["channels"],
+        "network_def": network_def or {"_target_": "UNet", **{k: v for k, v in UNET_ARGS.items() if k != "channels"},
+                                       "channels": "@channels"},
+        "preprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "LoadImaged", "keys": "image"},
+            {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS"},
+            {"_target_": "Spacingd", "keys": "image", "pixdim": [1.5, 1.5, 2.0]},
+            {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": -57, "a_max": 164, "b_min": 0.0,
+             "b_max": 1.0, "clip": True},
+        ]},
+    }
+    (folder / "configs" / "inference.json").write_text(json.dumps(config))
+    metadata = {"name": "Tiny spleen", "network_data_format": {
+        "inputs": {"image": {"num_channels": 1, "spatial_shape": ["4*n", "4*n", "4*n"]}},
+        "outputs": {"pred": {"num_channels": 2, "channel_def": {"0": "background", "1": "spleen"}}}}}
+    (folder / "configs" / "metadata.json").write_text(json.dumps(metadata))
+    if torchscript:
+        torch.jit.save(torch.jit.script(model), str(folder / "models" / "model.ts"))
+    else:
+        torch.save(model.state_dict(), folder / "models" / "model.pt")
+    return folder
+
+
 # ----------------------------------------------------------------------------- nnU-Net v2 folders
 
 NNUNET_ARCH = {

@@ -15,46 +15,10 @@ from SegHiResCAMLib.models.preprocess import prepare_input
 from SegHiResCAMLib.pipeline import explain_volume
 from SegHiResCAMLib.volume import Volume
 
-from model_kinds import blob_image
+from model_kinds import UNET_ARGS, blob_image, monai_unet, write_bundle
 
-nets = pytest.importorskip("monai.networks.nets")
-
-UNET_ARGS = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [4, 8, 16], "strides": [2, 2],
-             "num_res_units": 1}
+pytest.importorskip("monai.networks.nets")
 LAYER = "model.1.submodule.2"  # decoder block at half resolution
-
-
-def monai_unet() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return nets.UNet(**UNET_ARGS).eval()
-
-
-def write_bundle(folder, model, *, network_def=None, torchscript=False):
-    (folder / "configs").mkdir(parents=True)
-    (folder / "models").mkdir()
-    config = {
-        "channels": UNET_ARGS["channels"],
-        "network_def": network_def or {"_target_": "UNet", **{k: v for k, v in UNET_ARGS.items() if k != "channels"},
-                                       "channels": "@channels"},
-        "preprocessing": {"_target_": "Compose", "transforms": [
-            {"_target_": "LoadImaged", "keys": "image"},
-            {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS"},
-            {"_target_": "Spacingd", "keys": "image", "pixdim": [1.5, 1.5, 2.0]},
-            {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": -57, "a_max": 164, "b_min": 0.0,
-             "b_max": 1.0, "clip": True},
-        ]},
-    }
-    (folder / "configs" / "inference.json").write_text(json.dumps(config))
-    metadata = {"name": "Tiny spleen", "network_data_format": {
-        "inputs": {"image": {"num_channels": 1, "spatial_shape": ["4*n", "4*n", "4*n"]}},
-        "outputs": {"pred": {"num_channels": 2, "channel_def": {"0": "background", "1": "spleen"}}}}}
-    (folder / "configs" / "metadata.json").write_text(json.dumps(metadata))
-    if torchscript:
-        torch.jit.save(torch.jit.script(model), str(folder / "models" / "model.ts"))
-    else:
-        torch.save(model.state_dict(), folder / "models" / "model.pt")
-    return folder
-
 
 def _assert_explains_like(loaded_module, model, shape=(16, 16, 16)):
     image = blob_image(shape, seed=4)
