@@ -150,33 +150,45 @@ CT_PROPERTIES = {"mean": 50.0, "std": 80.0, "percentile_00_5": -100.0, "percenti
                  "max": 900.0, "min": -1000.0, "median": 40.0}
 
 
-def nnunet_network(class_name: str = "PlainConvUNet", seed: int = 0) -> nn.Module:
+def nnunet_arch(dims: int = 3) -> dict:
+    """``arch_kwargs`` of the plans for a 3-stage network (2D: the last two axes of the 3D one)."""
+    if dims == 3:
+        return dict(NNUNET_ARCH)
+    return dict(NNUNET_ARCH, conv_op="torch.nn.modules.conv.Conv2d",
+                norm_op="torch.nn.modules.instancenorm.InstanceNorm2d",
+                kernel_sizes=[k[1:] for k in NNUNET_ARCH["kernel_sizes"]], strides=[s[1:] for s in NNUNET_ARCH["strides"]])
+
+
+def nnunet_network(class_name: str = "PlainConvUNet", seed: int = 0, dims: int = 3) -> nn.Module:
     """The network nnU-Net itself would build from :func:`write_nnunet_folder`'s plans."""
     import dynamic_network_architectures.architectures.unet as unets
 
-    kwargs = dict(NNUNET_ARCH, conv_op=nn.Conv3d, norm_op=nn.InstanceNorm3d, nonlin=nn.LeakyReLU)
+    conv, norm = (nn.Conv3d, nn.InstanceNorm3d) if dims == 3 else (nn.Conv2d, nn.InstanceNorm2d)
+    kwargs = dict(nnunet_arch(dims), conv_op=conv, norm_op=norm, nonlin=nn.LeakyReLU)
     kwargs["n_blocks_per_stage" if class_name == "ResidualEncoderUNet" else "n_conv_per_stage"] = [1, 1, 1]
     torch.manual_seed(seed)
     network = getattr(unets, class_name)(input_channels=1, num_classes=len(NNUNET_CLASSES), deep_supervision=False,
                                          **kwargs)
     for module in network.modules():  # instance norm affine parameters away from 1 / 0
-        if isinstance(module, nn.InstanceNorm3d):
+        if isinstance(module, (nn.InstanceNorm2d, nn.InstanceNorm3d)):
             module.weight.data.uniform_(0.5, 1.5)
             module.bias.data.uniform_(-0.3, 0.3)
     return network.eval()
 
 
 def write_nnunet_folder(root, network: nn.Module, *, class_name: str = "PlainConvUNet", old_plans: bool = False,
-                        transpose=(2, 0, 1), spacing=(2.0, 1.0, 1.0), extra_pickle=None):
+                        transpose=(2, 0, 1), spacing=(2.0, 1.0, 1.0), extra_pickle=None, dims: int = 3):
     """Write an nnU-Net v2 results folder (plans, dataset, fold_0/checkpoint_final.pth) as nnU-Net lays it out."""
     import json
     from pathlib import Path
 
-    folder = Path(root) / "Dataset001_Tiny" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    name = "3d_fullres" if dims == 3 else "2d"
+    folder = Path(root) / "Dataset001_Tiny" / f"nnUNetTrainer__nnUNetPlans__{name}"
     (folder / "fold_0").mkdir(parents=True)
     configuration = {
-        "data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor", "batch_size": 2,
-        "patch_size": [16, 16, 16], "median_image_size_in_voxels": [20, 24, 24], "spacing": list(spacing),
+        "data_identifier": f"nnUNetPlans_{name}", "preprocessor_name": "DefaultPreprocessor", "batch_size": 2,
+        "patch_size": [16] * dims, "median_image_size_in_voxels": [20, 24, 24][-dims:],
+        "spacing": list(spacing)[-dims:],
         "normalization_schemes": ["CTNormalization"], "use_mask_for_norm": [False],
     }
     blocks = [1, 1, 1]
@@ -187,7 +199,7 @@ def write_nnunet_folder(root, network: nn.Module, *, class_name: str = "PlainCon
             "pool_op_kernel_sizes": NNUNET_ARCH["strides"], "conv_kernel_sizes": NNUNET_ARCH["kernel_sizes"],
         })
     else:
-        arch = dict(NNUNET_ARCH)
+        arch = nnunet_arch(dims)
         arch["n_blocks_per_stage" if class_name == "ResidualEncoderUNet" else "n_conv_per_stage"] = blocks
         configuration["architecture"] = {
             "network_class_name": f"dynamic_network_architectures.architectures.unet.{class_name}",
@@ -195,7 +207,7 @@ def write_nnunet_folder(root, network: nn.Module, *, class_name: str = "PlainCon
     plans = {
         "dataset_name": "Dataset001_Tiny", "plans_name": "nnUNetPlans", "image_reader_writer": "SimpleITKIO",
         "transpose_forward": list(transpose), "transpose_backward": [int(i) for i in np.argsort(transpose)],
-        "configurations": {"3d_fullres": configuration},
+        "configurations": {name: configuration},
         "foreground_intensity_properties_per_channel": {"0": CT_PROPERTIES},
     }
     dataset = {"channel_names": {"0": "CT"}, "labels": NNUNET_CLASSES, "numTraining": 3, "file_ending": ".nii.gz",
@@ -209,7 +221,7 @@ def write_nnunet_folder(root, network: nn.Module, *, class_name: str = "PlainCon
         "logging": {"train_losses": [np.float64(0.9), np.float64(0.5)], "ema_fg_dice": [np.float32(0.3)]},
         "_best_ema": np.float64(0.8),
         "current_epoch": 1000,
-        "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": 0, "dataset_json": dataset,
+        "init_args": {"plans": plans, "configuration": name, "fold": 0, "dataset_json": dataset,
                       "device": torch.device("cpu")},
         "trainer_name": "nnUNetTrainer",
         "inference_allowed_mirroring_axes": (0, 1, 2),

@@ -135,3 +135,24 @@ def test_checkpoint_written_with_numpy_1_names_loads(tmp_path):
                 data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
             target.writestr(info.filename, data)
     assert list(load_checkpoint(tmp_path / "old.pth")) == ["w"]
+
+
+def test_2d_configuration_explains_slice_by_slice_on_the_volume_grid(tmp_path):
+    network = nnunet_network(dims=2)
+    loaded = load_model(write_nnunet_folder(tmp_path, network, dims=2))
+    card = loaded.card
+    assert card.spatial_dims == 2 and card.slice_axis == 0 and card.transpose == (2, 0, 1)
+    assert card.spacing == (None, 1.0, 1.0)  # in-plane (K, J after transposing) only; I (the slice axis) kept
+    image = blob_image((3, 16, 16), seed=9)
+    roi = np.zeros((3, 16, 16), bool)
+    roi[:, 4:12, 4:12] = True
+    expected = explain(network, image, layer=LAYER, target_class=1, roi=roi, spatial_dims=2, device="cpu")
+    got = explain(loaded.module, image, layer=LAYER, target_class=1, roi=roi, spatial_dims=2, device="cpu")
+    assert expected.max() > 0
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+    volume = ct_volume()
+    box = np.zeros(volume.spatial_shape, bool)
+    box[4:10, 5:14, 4:16] = True
+    maps, _ = explain_volume(loaded, volume, target_class="liver", roi=box, device="cpu")
+    assert maps["seg-hires-grad-cam"].array.shape == volume.spatial_shape
+    assert maps["seg-hires-grad-cam"].array.max() == pytest.approx(1.0)

@@ -115,7 +115,7 @@ def capture_graph(scripted: torch.jit.ScriptModule, layers: Sequence[str]) -> to
                 "choose a layer that is used once (for example the block that contains it)"
             )
         node = hits[0]
-        if node.owningBlock() is not graph.block() and node.owningBlock() != graph.block():
+        if node.owningBlock().owningNode() is not None:  # not the graph's top block
             raise LayerError(
                 f"layer {layer!r} is called inside a loop or branch of the scripted forward; choose a layer "
                 "outside it (for example the block that contains it)"
