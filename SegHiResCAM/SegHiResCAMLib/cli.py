@@ -118,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="seghirescam-demo", metavar="DIR", help="output folder (default: seghirescam-demo)")
     demo.add_argument("--size", type=int, metavar="N", help="explain only a central block of N voxels per axis (faster)")
     demo.add_argument("--quick", action="store_true", help="a small, fast run (a 32-voxel block, 3D model only)")
+    demo.add_argument("--layer", metavar="NAME", help="layer to explain in every model (default: each model card's)")
     demo.add_argument("--data", metavar="DIR", help="folder with the demo image and models (default: the bundled ones)")
     _add_device(demo)
     return parser
@@ -224,7 +225,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
     bar = ProgressBar(sys.stderr)
     try:
         report = run_demo(Path(args.out), data_dir=Path(args.data) if args.data else None, size=size,
-                          quick=args.quick, device=args.device,
+                          quick=args.quick, device=args.device, layer=args.layer,
                           progress=bar.update, warn=lambda message: (bar.close(), _warn(message)))
     finally:
         bar.close()

@@ -36,6 +36,8 @@ class DemoOutput:
     seconds: float
     device: str
     share_in_roi: float | None  # share of the map's total inside the ROI (None without an ROI)
+    layer: str
+    focus_ras: tuple[float, float, float]  # where the pictures' slices cross
 
 
 def central_block(volume: Volume, size: int) -> Volume:
@@ -79,6 +81,7 @@ def run_demo(
     quick: bool = False,
     device: str = "auto",
     methods: Sequence[str] = METHODS,
+    layer: str | None = None,
     progress: Callable[[float, str], None] | None = None,
     warn: Callable[[str], None] | None = None,
 ) -> str:
@@ -91,6 +94,7 @@ def run_demo(
         quick: the first model only.
         device: "auto", "cpu" or "cuda".
         methods: CAM methods to compare.
+        layer: the layer explained in every model; None = each model card's default.
         progress: ``progress(fraction, message)`` over the whole demo.
         warn: receives messages for the user (skipped pictures, engine warnings).
 
@@ -98,7 +102,7 @@ def run_demo(
         InputError: demo files missing, or the output folder cannot be made.
     """
     from .io.images import read_image, read_mask, write_image
-    from .overlays import render_overlays, rendering_unavailable
+    from .overlays import peak_ras, render_overlays, rendering_unavailable
     from .pipeline import explain_volume
     from .worker.main import load_model_for
 
@@ -134,20 +138,24 @@ def run_demo(
 
         started = time.perf_counter()
         maps, explanation = explain_volume(
-            loaded, image, target_class=WHITE_MATTER, roi=roi, methods=tuple(methods),
+            loaded, image, target_class=WHITE_MATTER, roi=roi, methods=tuple(methods), layer=layer,
             device=device, progress=model_progress,
         )
         seconds = time.perf_counter() - started
         for message in explanation.warnings:
             warn(f"{label}: {message}")
+        # Every picture of a model cuts through the hottest voxel of its first map, so the methods
+        # are compared on the same slices, where the headline method finds the evidence.
+        focus = peak_ras(next(iter(maps.values())))
         for method, heat in maps.items():
             stem = out_dir / f"{name}_{method}"
             heat_path = write_image(heat, stem.with_suffix(".nrrd"))
             pictures: list[Path] = []
             if not no_pictures:
-                pictures, _ = render_overlays(image, heat, stem)
+                pictures, _ = render_overlays(image, heat, stem, point_ras=focus)
             outputs.append(DemoOutput(name, method, heat_path, tuple(pictures), seconds, explanation.device,
-                                      share_inside(heat.array, roi)))
+                                      share_inside(heat.array, roi), layer or loaded.card.default_layer,
+                                      tuple(float(v) for v in focus)))
     return _report(out_dir, image, roi, models, outputs, no_pictures)
 
 
@@ -161,14 +169,17 @@ def _report(out_dir, image, roi, models, outputs: list[DemoOutput], no_pictures:
     ]
     if roi is not None:
         lines.append(f"  {'white_matter_roi.nrrd':<40}the region explained")
-    timing: dict[str, tuple[float, str]] = {}
+    timing: dict[str, tuple[float, str, str, tuple]] = {}
     for output in outputs:
-        timing[output.model] = (output.seconds, output.device)
+        timing[output.model] = (output.seconds, output.device, output.layer, output.focus_ras)
         lines.append(f"  {output.heatmap.name:<40}{output.method} heatmap of {output.model}")
         for picture in output.pictures:
             lines.append(f"    {picture.name}")
-    for name, (seconds, device) in timing.items():
-        lines.append(f"{name}: both methods in {seconds:.1f} s on {device}")
+    for name, (seconds, device, layer, focus) in timing.items():
+        mine = [o.method for o in outputs if o.model == name]
+        where = ", ".join(f"{axis} {value:+.0f}" for axis, value in zip("RAS", focus))
+        lines.append(f"{name}: layer {layer}, {len(mine)} methods in {seconds:.1f} s on {device}; "
+                     f"its pictures cut through ({where}) mm, the hottest voxel of its {mine[0]} map")
     if no_pictures:
         lines.append(f"no PNG pictures: {no_pictures}")
     lines.append("What to look at:")

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from .volume import Volume
 
 ORIENTATIONS = ("axial", "coronal", "sagittal")
@@ -28,6 +30,12 @@ def rendering_unavailable() -> str | None:
     return None
 
 
+def peak_ras(heatmap: Volume) -> np.ndarray:
+    """RAS position of the map's hottest voxel (the first one, if several)."""
+    k, j, i = np.unravel_index(int(np.argmax(heatmap.array)), heatmap.array.shape)
+    return (heatmap.ijk_to_ras @ np.array([i, j, k, 1.0]))[:3]
+
+
 def render_overlays(
     image: Volume,
     heatmap: Volume,
@@ -35,6 +43,7 @@ def render_overlays(
     orientations: Sequence[str] = ORIENTATIONS,
     *,
     single_path: str | Path | None = None,
+    point_ras: Sequence[float] | None = None,
 ) -> tuple[list[Path], str | None]:
     """Write one PNG per orientation: the image, with the heatmap as a coloured overlay.
 
@@ -44,6 +53,7 @@ def render_overlays(
         stem: file names are ``<stem>_<orientation>.png``.
         orientations: any of "axial", "coronal", "sagittal".
         single_path: with one orientation, write exactly this file instead.
+        point_ras: an (R, A, S) point every slice passes through; None = the image's centre.
 
     Returns:
         ``(paths written, None)``, or ``([], reason)`` when slice pictures cannot be drawn here.
@@ -51,7 +61,6 @@ def render_overlays(
     reason = rendering_unavailable()
     if reason is not None:
         return [], reason
-    import numpy as np
     import slicer
 
     from .mrml.heatmap_display import show_heatmap
@@ -77,7 +86,8 @@ def render_overlays(
             path = Path(single_path)
         else:
             path = Path(f"{stem}_{orientation}.png")
-        render_slice_png(scene, image_node, heat_node, path, orientation=orientation.capitalize())
+        render_slice_png(scene, image_node, heat_node, path, orientation=orientation.capitalize(),
+                         offset_ras=None if point_ras is None else [float(v) for v in point_ras])
         written.append(path)
     scene.Clear(1)
     return written, None
