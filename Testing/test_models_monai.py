@@ -98,3 +98,21 @@ def test_bundle_heatmap_comes_back_in_the_volume_grid(tmp_path):
     heat = maps["seg-hires-grad-cam"]
     assert heat.array.shape == (10, 20, 20)
     np.testing.assert_array_equal(heat.ijk_to_ras, ijk_to_ras)
+
+
+def test_bundle_with_its_own_network_code_needs_trusted_code(tmp_path):
+    model = monai_unet()
+    folder = write_bundle(tmp_path / "custom", model,
+                          network_def={"_target_": "scripts.net.make_unet", "seed": 0})
+    (folder / "scripts").mkdir()
+    (folder / "scripts" / "__init__.py").write_text("")
+    (folder / "scripts" / "net.py").write_text(
+        "import pathlib\n"
+        "pathlib.Path(__file__).with_name('ran').write_text('yes')\n"
+        "from monai.networks.nets import UNet\n"
+        f"def make_unet(seed):\n    return UNet(**{UNET_ARGS!r})\n"
+    )
+    with pytest.raises(UnsafeModelError, match="scripts.net.make_unet.*--trust-code"):
+        load_model(folder)
+    assert not (folder / "scripts" / "ran").exists()
+    _assert_explains_like(load_model(folder, trust_code=True).module, model)

@@ -19,7 +19,7 @@ what the loader read from the bundle, plans or network.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,9 +38,6 @@ class LoadedModel:
     card: ModelCard
     source: Path
     kind: str
-
-
-_CARD_KEYS = {f.name for f in fields(ModelCard)}
 
 
 def _build_unet(**args: Any) -> nn.Module:
@@ -141,9 +138,9 @@ def _card_for_spec(spec: dict[str, Any], source: Path) -> ModelCard:
     is_monai = name not in BUILDERS
     network = {"name": name if not is_monai or name.startswith("monai") else f"monai.{name}", "args": args}
     guessed: dict[str, Any] = {"name": source.stem, "network": network}
-    for key, card_key in (("spatial_dims", "spatial_dims"), ("in_channels", "in_channels")):
+    for key in ("spatial_dims", "in_channels"):  # MONAI networks take these arguments by these names
         if isinstance(args.get(key), int):
-            guessed[card_key] = args[key]
+            guessed[key] = args[key]
     if is_monai:
         guessed["transpose"] = [2, 1, 0]  # MONAI's loaders give (I, J, K) arrays
     return ModelCard.from_dict({**guessed, **spec.get("card", {}), "network": network})
@@ -160,8 +157,7 @@ def _load_torchscript(source: Path) -> LoadedModel:
 def _load_bundle(folder: Path, trust_code: bool) -> LoadedModel:
     from . import monai_models
 
-    config_path = next(folder / "configs" / n for n in monai_models._CONFIG_NAMES if (folder / "configs" / n).is_file())
-    config = monai_models._read_config(config_path)
+    config = monai_models.read_config(monai_models.config_path(folder))
     card = monai_models.bundle_card(folder, config)
     weights, script = folder / "models" / "model.pt", folder / "models" / "model.ts"
     if weights.is_file():

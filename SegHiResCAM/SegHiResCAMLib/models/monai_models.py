@@ -25,8 +25,13 @@ from .optional import require
 _CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
 
 
+def config_path(folder: Path) -> Path | None:
+    """The bundle's ``configs/inference.json`` (or ``.yaml``), None if absent."""
+    return next((folder / "configs" / name for name in _CONFIG_NAMES if (folder / "configs" / name).is_file()), None)
+
+
 def is_bundle(folder: Path) -> bool:
-    return folder.is_dir() and any((folder / "configs" / name).is_file() for name in _CONFIG_NAMES)
+    return folder.is_dir() and config_path(folder) is not None
 
 
 def network_class(name: str) -> type[nn.Module]:
@@ -48,12 +53,19 @@ def build_network(name: str, args: dict[str, Any]) -> nn.Module:
         raise ModelError(f"cannot build MONAI {cls.__name__} with arguments {args}: {error}") from error
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def read_config(path: Path) -> dict[str, Any]:
+    """The bundle config as plain data (JSON, or YAML with safe loading)."""
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
-        return json.loads(text)
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ModelError(f"cannot read {path}: {error}") from error
     yaml = require("yaml", "monai")
-    return yaml.safe_load(text)
+    data = yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ModelError(f"{path} must hold a mapping of config entries")
+    return data
 
 
 def _resolve(value: Any, config: dict[str, Any], seen: tuple[str, ...] = ()) -> Any:
@@ -76,7 +88,29 @@ def _resolve(value: Any, config: dict[str, Any], seen: tuple[str, ...] = ()) -> 
     return value
 
 
+def _is_monai_target(target: Any) -> bool:
+    return isinstance(target, str) and ("." not in target or target.startswith("monai.networks.nets."))
+
+
+def _parse_with_monai(config: dict[str, Any], bundle: Path) -> nn.Module:
+    """Build ``network_def`` with MONAI's own parser, which runs the bundle's code (trusted only)."""
+    import sys
+
+    parser = require("monai.bundle", "monai").ConfigParser(config)
+    sys.path.insert(0, str(bundle))  # bundles import their own scripts/ package
+    try:
+        return parser.get_parsed_content("network_def")
+    finally:
+        sys.path.remove(str(bundle))
+
+
 def build_bundle_network(config: dict[str, Any], *, trust_code: bool, bundle: Path) -> nn.Module:
+    """The bundle's ``network_def``, built without running code unless ``trust_code``.
+
+    Raises:
+        UnsafeModelError: the definition holds ``$`` expressions or names a class outside
+            ``monai.networks.nets`` (the bundle's own code) and ``trust_code`` is False.
+    """
     if "network_def" not in config:
         raise ModelError(f"{bundle.name}: configs/inference has no 'network_def' entry describing the network")
     try:
@@ -84,10 +118,17 @@ def build_bundle_network(config: dict[str, Any], *, trust_code: bool, bundle: Pa
     except UnsafeModelError:
         if not trust_code:
             raise
-        parser = require("monai.bundle", "monai").ConfigParser(config)
-        return parser.get_parsed_content("network_def")
+        return _parse_with_monai(config, bundle)
     if not isinstance(definition, dict) or "_target_" not in definition:
         raise ModelError(f"{bundle.name}: 'network_def' must be a mapping with a '_target_' class name")
+    if not _is_monai_target(definition["_target_"]):
+        if not trust_code:
+            raise UnsafeModelError(
+                f"the bundle's network is {definition['_target_']!r}, code that comes with the bundle rather than a "
+                "MONAI network; running it means trusting the bundle. If you do, allow code (command line: "
+                "--trust-code; the panel asks)."
+            )
+        return _parse_with_monai(config, bundle)
     args = {k: v for k, v in definition.items() if not k.startswith("_")}
     return build_network(str(definition["_target_"]), args)
 
