@@ -116,3 +116,19 @@ def test_bundle_with_its_own_network_code_needs_trusted_code(tmp_path):
         load_model(folder)
     assert not (folder / "scripts" / "ran").exists()
     _assert_explains_like(load_model(folder, trust_code=True).module, model)
+
+
+def test_code_to_trust_tells_the_panel_when_to_ask(tmp_path):
+    from SegHiResCAMLib.models.loading import code_to_trust
+
+    plain = write_bundle(tmp_path / "plain", monai_unet())
+    assert code_to_trust(plain) is None
+    expression = write_bundle(tmp_path / "expr", monai_unet(),
+                              network_def={"_target_": "UNet", **UNET_ARGS, "channels": "$[4, 8, 16]"})
+    assert "Python expression" in code_to_trust(expression)
+    custom = write_bundle(tmp_path / "custom", monai_unet(), network_def={"_target_": "scripts.net.make"})
+    assert "scripts.net.make" in code_to_trust(custom)
+    builder = tmp_path / "net.py"
+    builder.write_text("def build_model(): ...\n")
+    assert "Python code" in code_to_trust(builder)
+    assert code_to_trust(tmp_path / "expr" / "models" / "model.pt") is None

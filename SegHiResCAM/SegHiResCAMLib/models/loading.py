@@ -189,6 +189,22 @@ def _load_python(source: Path, trust_code: bool) -> LoadedModel:
     return LoadedModel(module=module.eval(), card=card, source=source, kind="python")
 
 
+def code_to_trust(path: str | Path) -> str | None:
+    """Why loading ``path`` would run code that comes with the model, or None if it would not.
+
+    For the panel and the command line, to ask before ``load_model(path, trust_code=True)``.
+    """
+    from . import monai_models, python_builder
+
+    source = Path(path)
+    if source.suffix == ".py" and source.is_file():
+        return python_builder.untrusted_message(source)
+    if source.is_dir() and monai_models.is_bundle(source):
+        config = monai_models.read_config(monai_models.config_path(source))
+        return monai_models.code_in_network_def(config)
+    return None
+
+
 def load_model(path: str | Path, *, trust_code: bool = False) -> LoadedModel:
     """Load a model and its card from ``path`` (any kind in the module docstring's table).
 

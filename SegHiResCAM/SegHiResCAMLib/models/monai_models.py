@@ -104,6 +104,21 @@ def _parse_with_monai(config: dict[str, Any], bundle: Path) -> nn.Module:
         sys.path.remove(str(bundle))
 
 
+def code_in_network_def(config: dict[str, Any]) -> str | None:
+    """Why building the bundle's network would run the bundle's code, or None."""
+    try:
+        definition = _resolve(config.get("network_def", {}), config)
+    except UnsafeModelError as error:
+        return str(error)
+    except ModelError:
+        return None  # not code; loading reports the broken reference
+    target = definition.get("_target_") if isinstance(definition, dict) else None
+    if target is not None and not _is_monai_target(target):
+        return (f"the bundle's network is {target!r}, code that comes with the bundle rather than a MONAI network; "
+                "running it means trusting the bundle.")
+    return None
+
+
 def build_bundle_network(config: dict[str, Any], *, trust_code: bool, bundle: Path) -> nn.Module:
     """The bundle's ``network_def``, built without running code unless ``trust_code``.
 
