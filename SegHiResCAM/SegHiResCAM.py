@@ -310,7 +310,7 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             combo.clear()
             combo.addItem(_("Model card's default layer"), "")
-            if path and os.path.isfile(path):
+            if path and os.path.exists(path):
                 with slicer.util.tryWithErrorDisplay(_("Failed to read the model's layers."), waitCursor=True):
                     for name, description in self.logic.describeLayers(path):
                         combo.addItem(f"{name}  {description}", name)
@@ -360,6 +360,9 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Failed to start the explanation."), waitCursor=True):
             self.logic.ensureTorch(askConfirmation=True)
+            trustCode = self._askToTrustModelCode(p.modelPath)
+            if trustCode is None:
+                return
             self._job = self.logic.process(
                 p.inputVolume,
                 p.modelPath,
@@ -376,9 +379,18 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 showIn3D=p.showIn3D,
                 waitForCompletion=False,
                 progressCallback=self._onProgress,
+                trustCode=trustCode,
             )
             self._setRunning(True)
             self._pollTimer.start()
+
+    def _askToTrustModelCode(self, modelPath):
+        """False when the model runs no code of its own, True when the user trusts it, None to stop."""
+        reason = self.logic.modelCodeToTrust(modelPath)
+        if reason is None:
+            return False
+        question = _("{reason}\n\nRun this model's code? Only do so for models from a source you trust.")
+        return True if slicer.util.confirmOkCancelDisplay(question.format(reason=reason)) else None
 
     def _onProgress(self, fraction: float, message: str) -> None:
         self.ui.progressBar.value = int(round(100 * fraction))
@@ -514,13 +526,14 @@ class SegHiResCAMLogic(ScriptedLoadableModuleLogic):
 
         Without torch only the model card's layers are listed, without shapes.
         """
-        from SegHiResCAMLib.models.card import ModelCard  # json only, no torch
+        from SegHiResCAMLib.models.card import ModelCard, find_card  # json only, no torch
 
-        path = pathlib.Path(modelPath)
-        cards = [c for c in (path.with_suffix(".json"), path.parent / "model.json") if c.is_file()]
-        recommended = list(ModelCard.load(cards[0]).layers) if cards else []
+        card = find_card(pathlib.Path(modelPath))
+        recommended = list(ModelCard.load(card).layers) if card else []
         if not self.torchAvailable():
             return [(name, _("(install PyTorch to see shapes)")) for name in recommended]
+        if self.modelCodeToTrust(modelPath) is not None:  # never run untrusted code just to list layers
+            return [(name, _("(shapes appear once the model's code is trusted)")) for name in recommended]
         described = {
             info.name: f"{info.type}  {'×'.join(map(str, info.output_shape[1:]))}"
             for info in self.listLayers(modelPath)
@@ -530,6 +543,13 @@ class SegHiResCAMLogic(ScriptedLoadableModuleLogic):
         return [(name, described[name] + ("  ★" if name in first else "")) for name in first] + [
             (name, text) for name, text in described.items() if name not in first
         ]
+
+    @staticmethod
+    def modelCodeToTrust(modelPath):
+        """Why loading the model would run code that comes with it (ask the user first), or None."""
+        from SegHiResCAMLib.models.loading import code_to_trust
+
+        return code_to_trust(modelPath)
 
     def listLayers(self, modelPath) -> list:
         """The model's layers (``LayerInfo``: name, type, output shape for a small example input)."""
@@ -558,6 +578,7 @@ class SegHiResCAMLogic(ScriptedLoadableModuleLogic):
         showIn3D: bool = False,
         waitForCompletion: bool = True,
         progressCallback=None,
+        trustCode: bool = False,
     ):
         """Compute the CAM of a segment's prediction and show it as a heatmap volume.
 
@@ -575,6 +596,8 @@ class SegHiResCAMLogic(ScriptedLoadableModuleLogic):
         :param waitForCompletion: True blocks and returns the heatmap node; False returns the
             running ``ExplainJob`` (call ``poll()`` from a timer, ``cancel()`` to stop).
         :param progressCallback: called with (fraction, message).
+        :param trustCode: let the model's own code run (a ``.py`` builder, a MONAI bundle with
+            expressions); see ``modelCodeToTrust``.
         :raises SegHiResCAMError: with the worker's one-line message when the run fails.
         """
         from SegHiResCAMLib.mrml.explain_job import ExplainJob, ExplainOptions
@@ -589,6 +612,7 @@ class SegHiResCAMLogic(ScriptedLoadableModuleLogic):
             opacity=float(opacity),
             lower_threshold=float(lowerThreshold),
             show_3d=bool(showIn3D),
+            trust_code=bool(trustCode),
         )
         job = ExplainJob(
             slicer.mrmlScene,

@@ -141,7 +141,7 @@ def test_list_layers_gives_names_types_and_output_shapes():
 
 
 def test_unknown_layer_names_the_closest_layers():
-    with pytest.raises(LayerError, match=r"layer 'decoder\.9' does not exist in the model; nearest names: decoder"):
+    with pytest.raises(LayerError, match=r"layer 'decoder\.9' does not exist; nearest names: decoder"):
         explain(unet(3), IMAGE, layer="decoder.9", target_class=1, device="cpu")
 
 

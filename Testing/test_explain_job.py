@@ -17,7 +17,8 @@ import slicer
 
 from mrml_helpers import add_segment, add_segmentation, add_volume
 from SegHiResCAMLib.errors import CancelledError, InputError, LayerError, SegHiResCAMError
-from SegHiResCAMLib.mrml.explain_job import ExplainJob, ExplainOptions, error_from_event, make_request
+from SegHiResCAMLib.worker.protocol import Request
+from SegHiResCAMLib.mrml.explain_job import ExplainJob, ExplainOptions, error_from_event
 from SegHiResCAMLib.mrml.heatmap_display import HEATMAP_ATTRIBUTE
 from SegHiResCAMLib.mrml.scene import new_scene, node_ids
 from SegHiResCAMLib.mrml.volumes import array_from_node, ijk_to_ras_of_node
@@ -144,10 +145,9 @@ def test_options_out_of_range_are_refused_with_the_value():
         ExplainOptions(slice_axis=3)
 
 
-def test_request_fields_unknown_to_the_protocol_travel_in_extra():
-    request = make_request(image="a.nrrd", model="m.pt", output="o.nrrd", slice_axis=2, roi=None)
-    assert request.extra == {"slice_axis": 2} and request.roi is None
-    assert make_request(image="a", model="m", output="o", slice_axis=None).extra == {}
+def test_panel_choices_travel_to_the_worker_in_the_request():
+    request = Request(image="a.nrrd", model="m.pt", output="o.nrrd", slice_axis=2, trust_code=True)
+    assert Request.from_json(request.to_json()) == request
 
 
 def test_worker_error_events_map_to_our_error_classes():

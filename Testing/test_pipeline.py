@@ -151,3 +151,13 @@ def test_normalisation_is_over_the_whole_volume_and_zero_stays_zero():
     out = _normalised(heat)
     assert out[1, 2, 3] == 1.0 and out[0, 0, 0] == 0.5 and out[1, 1, 1] == 0.0
     assert not np.isnan(_normalised(np.full((2, 2, 2), np.nan, np.float32))).any()
+
+
+def test_slice_axis_chosen_by_the_user_overrides_the_model_cards(tiny2d):
+    image = volume()
+    roi = np.zeros(image.spatial_shape, bool)
+    roi[4:12, 4:12, 6:9] = True  # present on every K slice, on only three I slices
+    maps, _ = explain_volume(tiny2d, image, target_class=1, roi=roi, layer="decoder.0", slice_axis=2)
+    heat = maps["seg-hires-grad-cam"].array
+    assert np.all(heat[:, :, :6] == 0) and np.all(heat[:, :, 9:] == 0)
+    assert heat[:, :, 6:9].max() == pytest.approx(1.0)

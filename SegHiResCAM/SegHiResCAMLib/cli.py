@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         "write the heatmap on the image's exact voxel grid.",
     )
     explain.add_argument("--image", required=True, metavar="PATH", help="NRRD, NIfTI, or a DICOM series folder")
-    explain.add_argument("--model", required=True, metavar="PATH", help="model file with its model card (.json) beside it")
+    explain.add_argument("--model", required=True, metavar="PATH", help=MODEL_HELP)
     explain.add_argument(
         "--layer", action="append", metavar="NAME",
         help="layer to explain (default: the model card's); repeat for the mean of several layers",
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         "layers", help="list a model's layers with their output shapes",
         description="List the layers of MODEL that can be explained, with their output shapes for a probe input.",
     )
-    layers.add_argument("--model", required=True, metavar="PATH")
+    layers.add_argument("--model", required=True, metavar="PATH", help=MODEL_HELP)
     layers.add_argument("--size", type=int, default=64, metavar="N",
                         help="probe input size per spatial axis (rounded up to what the model needs; default 64)")
     _add_trust(layers)
@@ -124,13 +124,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MODEL_HELP = ("model file or folder: TorchScript, state dict + model card (.json), MONAI bundle, "
+              "nnU-Net v2 results folder, or a .py build_model() file (with --trust-code)")
+
+
 def _add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=DEVICES, help="where to compute (default: auto = GPU if any)")
 
 
 def _add_trust(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-code", action="store_true",
-                        help="allow loading a model whose card runs a Python builder file (only for files you trust)")
+                        help="allow running code that comes with the model: a .py build_model() file, or a MONAI "
+                        "bundle whose network definition holds expressions or its own code (only for models you trust)")
 
 
 def _print(*parts: Any) -> None:

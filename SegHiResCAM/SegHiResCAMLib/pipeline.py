@@ -8,12 +8,11 @@ volume, so that a heatmap can be written with, or shown over, the exact geometry
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from .errors import InputError, LayerError
+from .errors import InputError
 from .volume import Volume
 
 ProgressCallback = Callable[[float, str], None]
@@ -44,29 +43,6 @@ def resolve_class(target_class: int | str, class_names: Sequence[str]) -> int:
         listed = ", ".join(f"{i} = {n}" for i, n in enumerate(names))
         raise InputError(f"class {index} does not exist; the model has {len(names)} classes: {listed}")
     return index
-
-
-def available_layers(module) -> list[str]:
-    """Names a user may pick as the explained layer (hooked modules, or a scripted model's own list)."""
-    if hasattr(module, "layer_names"):
-        return [name for name, _ in module.layer_names()]
-    return [name for name, _ in module.named_modules() if name]
-
-
-def check_layers(module, layers: Sequence[str]) -> None:
-    """Fail early, before any heavy work, when a layer name does not exist.
-
-    Raises:
-        LayerError: naming the closest existing names.
-    """
-    known = available_layers(module)
-    for layer in layers:
-        if layer not in known:
-            close = difflib.get_close_matches(layer, known, n=5, cutoff=0.5) or known[-5:]
-            raise LayerError(
-                f"layer {layer!r} does not exist; nearest names: {', '.join(close)} "
-                "(list them all with: seghirescam layers --model MODEL)"
-            )
 
 
 def _stage(progress: ProgressCallback | None, start: float, share: float) -> ProgressCallback | None:
@@ -101,6 +77,7 @@ def explain_volume(
     target: str = "logits",
     threshold: float = 0.5,
     device: str = "auto",
+    slice_axis: int | None = None,
     progress: ProgressCallback | None = None,
 ):
     """Explain one volume and return heatmaps on its own voxel grid.
@@ -113,8 +90,10 @@ def explain_volume(
             model's own prediction of ``target_class``.
         layer: layer name(s); None = the model card's default layer.
         methods: CAM methods to compute (see ``SegHiResCAMLib.METHODS``).
-        target: "logits", "probabilities" or "threshold" (see the engine).
-        threshold: probability threshold for the "threshold" target and the predicted ROI.
+        target: "logits" or "probability-threshold" (see the engine).
+        threshold: probability threshold of the "probability-threshold" target.
+        slice_axis: for 2D models, the axis of the model's input grid to slice along;
+            None = the model card's.
         device: "auto", "cpu", "cuda" or "cuda:N".
         progress: ``progress(fraction, message)``; raising CancelledError from it stops the run.
 
@@ -127,6 +106,7 @@ def explain_volume(
         InputError: bad class, ROI of the wrong shape, image the model cannot take.
         LayerError: unknown layer (with the nearest names).
     """
+    from .engine.capture import check_layers
     from .engine.explain import explain_detailed
     from .models.preprocess import prepare_input
 
@@ -165,7 +145,7 @@ def explain_volume(
         target=target,
         threshold=threshold,
         spatial_dims=card.spatial_dims,
-        slice_axis=card.slice_axis,
+        slice_axis=card.slice_axis if slice_axis is None else int(slice_axis),
         normalize=True,
         device=device,
         progress=_stage(progress, _PREPARE_SHARE, 1.0 - _PREPARE_SHARE - _RESTORE_SHARE),

@@ -34,7 +34,7 @@ def check_layers(model: nn.Module, layers: Sequence[str]) -> None:
     for layer in layers:
         if layer not in known_set:
             close = difflib.get_close_matches(layer, known, n=5, cutoff=0.5) or known[:5]
-            raise LayerError(f"layer '{layer}' does not exist in the model; nearest names: {', '.join(close)}")
+            raise LayerError(f"layer '{layer}' does not exist; nearest names: {', '.join(close)}")
 
 
 class _Recorder:

@@ -125,3 +125,12 @@ class ModelCard:
         except (OSError, json.JSONDecodeError) as error:
             raise ModelError(f"cannot read the model card {path}: {error}") from error
         return cls.from_dict(data)
+
+
+def find_card(path: Path) -> Path | None:
+    """The model card beside a weights file: ``<stem>.json``, else ``model.json``; in a folder, ``model.json``."""
+    candidates = (path / "model.json",) if path.is_dir() else (path.with_suffix(".json"), path.parent / "model.json")
+    for candidate in candidates:
+        if candidate.is_file() and candidate != path:
+            return candidate
+    return None

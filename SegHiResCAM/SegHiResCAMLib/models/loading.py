@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError, UnsafeModelError
-from .card import ModelCard
+from .card import ModelCard, find_card
 
 
 @dataclass(frozen=True)
@@ -48,15 +48,6 @@ def _build_unet(**args: Any) -> nn.Module:
 
 # name in a card's "network" -> builder(**args)
 BUILDERS: dict[str, Callable[..., nn.Module]] = {"SegHiResCAM.UNet": _build_unet}
-
-
-def find_card(path: Path) -> Path | None:
-    """The model card beside a weights file: ``<stem>.json``, else ``model.json``; in a folder, ``model.json``."""
-    candidates = (path / "model.json",) if path.is_dir() else (path.with_suffix(".json"), path.parent / "model.json")
-    for candidate in candidates:
-        if candidate.is_file() and candidate != path:
-            return candidate
-    return None
 
 
 def _read_json(path: Path) -> dict[str, Any]:

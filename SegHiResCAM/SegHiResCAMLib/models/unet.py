@@ -80,12 +80,13 @@ class UNet(nn.Module):
         self.head = _CONV[spatial_dims](levels[0], out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
+        skips: list[torch.Tensor] = []
         for block in self.encoder:
             x = block(x)
             skips.append(x)
             x = self.pool(x)
         x = self.bottleneck(x)
-        for block, skip in zip(self.decoder, reversed(skips)):
-            x = block(x, skip)
+        # Indexing, not reversed(): keeps the network scriptable with torch.jit.script.
+        for index, block in enumerate(self.decoder):
+            x = block(x, skips[len(skips) - 1 - index])
         return self.head(x)

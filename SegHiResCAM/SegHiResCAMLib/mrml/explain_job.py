@@ -11,7 +11,6 @@ The GUI calls :meth:`ExplainJob.poll` from a timer; scripts call :meth:`ExplainJ
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -42,8 +41,8 @@ class ExplainOptions:
         layer: layer name (or names, averaged); None = the model card's default layer.
         target_class: output channel whose prediction is explained.
         method: a CAM method name, e.g. "seg-hires-grad-cam" or "seg-grad-cam".
-        target: "logits" (default) or "threshold".
-        threshold: probability threshold of the "threshold" target.
+        target: "logits" (default) or "probability-threshold".
+        threshold: probability threshold of the "probability-threshold" target.
         device: "auto", "cuda" or "cpu".
         slice_axis: for 2D models, the array axis (0 = K, 1 = J, 2 = I) to slice along;
             None = the model card's.
@@ -51,6 +50,8 @@ class ExplainOptions:
         lower_threshold: heatmap values below this (0-1) are transparent.
         show_3d: also show the heatmap with volume rendering in the 3D view.
         output_name: name of a new output node; None = "<input> CAM".
+        trust_code: let the model's own code run (a ``.py`` builder, a MONAI bundle with
+            expressions); ask the user first (``models.loading.code_to_trust``).
     """
 
     layer: str | list[str] | None = None
@@ -64,6 +65,7 @@ class ExplainOptions:
     lower_threshold: float = 0.2
     show_3d: bool = False
     output_name: str | None = None
+    trust_code: bool = False
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -241,7 +243,7 @@ class ExplainJob:
             mask = segment_mask(self.segmentation_node, self.segment_id, self.input_volume_node)
             roi_path = worker.path("roi.nrrd")
             write_mask(mask, self.input_volume_node, roi_path)
-        return make_request(
+        return Request(
             image=str(image_path),
             model=str(self.model_path),
             output=str(worker.path("heatmap.nrrd")),
@@ -254,6 +256,7 @@ class ExplainJob:
             threshold=float(self.options.threshold),
             device=self.options.device,
             slice_axis=self.options.slice_axis,
+            trust_code=bool(self.options.trust_code),
         )
 
     def _handle(self, event: dict[str, Any]) -> None:
@@ -324,16 +327,6 @@ def read_volume_array(path: str | os.PathLike) -> np.ndarray:
         return array_from_node(read_volume_node(scratch, path))
     finally:
         scratch.Clear(1)
-
-
-def make_request(**fields: Any) -> Request:
-    """A worker request; fields the Request does not (yet) know go into its ``extra``."""
-    known = {f.name for f in dataclasses.fields(Request)}
-    extra = {k: v for k, v in fields.items() if k not in known and v is not None}
-    given = {k: v for k, v in fields.items() if k in known}
-    if extra:
-        given["extra"] = {**given.get("extra", {}), **extra}
-    return Request(**given)
 
 
 def error_from_event(event: dict[str, Any]) -> SegHiResCAMError:

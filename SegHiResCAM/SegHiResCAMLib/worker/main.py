@@ -110,6 +110,7 @@ def execute(request: Request, sink: EventSink) -> RunResult:
             target=request.target,
             threshold=request.threshold,
             device=request.device,
+            slice_axis=request.slice_axis,
             progress=progress,
         )
         for message in explanation.warnings:
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None, stdout: TextIO | None = None) -> int:
     try:
         execute(request, sink)
     except SegHiResCAMError as error:
-        sink("error", message=one_line(error))
+        sink("error", message=one_line(error), type=type(error).__name__)
         return EXIT_ERROR
     except Exception as error:  # noqa: BLE001 - the one place that turns any failure into an event
         traceback.print_exc(file=sys.stderr)

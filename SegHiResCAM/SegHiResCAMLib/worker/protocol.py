@@ -5,17 +5,18 @@ Request (a JSON object, written by the Slicer logic or the command line)::
     {"image": "in.nrrd", "roi": "roi.nrrd" | null, "roi_label": 1 | "segment name" | null,
      "model": "model.pt", "layer": "decoder.2" | ["a", "b"], "target_class": 1,
      "method": "seg-hires-grad-cam", "target": "logits", "threshold": 0.5,
-     "device": "auto", "output": "heat.nrrd", "trust_code": false}
+     "device": "auto", "output": "heat.nrrd", "trust_code": false, "slice_axis": null}
 
 ``roi_label`` null takes the ROI file's single non-zero label; a string names a segment of a
 ``.seg.nrrd``. ``trust_code`` lets the model loader run a Python builder file beside the model.
+``slice_axis`` (0, 1, 2 or null = the model card's) is the axis a 2D model slices along.
 
 Events, one JSON object per line::
 
     {"event": "progress", "fraction": 0.25, "message": "explaining slices 1-8 of 40"}
     {"event": "warning", "message": "..."}
     {"event": "result", "output": "heat.nrrd", "device": "cpu", "seconds": 1.3}
-    {"event": "error", "message": "the segment 'tumor' is empty inside the image"}
+    {"event": "error", "message": "the segment 'tumor' is empty inside the image", "type": "InputError"}
 
 Exit status: 0 after a result, 1 after an error event, 2 for an unusable request.
 """
@@ -44,6 +45,7 @@ class Request:
     device: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
     trust_code: bool = False
+    slice_axis: int | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
