@@ -177,7 +177,8 @@ def nnunet_network(class_name: str = "PlainConvUNet", seed: int = 0, dims: int =
 
 
 def write_nnunet_folder(root, network: nn.Module, *, class_name: str = "PlainConvUNet", old_plans: bool = False,
-                        transpose=(2, 0, 1), spacing=(2.0, 1.0, 1.0), extra_pickle=None, dims: int = 3):
+                        transpose=(2, 0, 1), spacing=(2.0, 1.0, 1.0), extra_pickle=None, dims: int = 3,
+                        labels: dict | None = None):
     """Write an nnU-Net v2 results folder (plans, dataset, fold_0/checkpoint_final.pth) as nnU-Net lays it out."""
     import json
     from pathlib import Path
@@ -210,7 +211,7 @@ def write_nnunet_folder(root, network: nn.Module, *, class_name: str = "PlainCon
         "configurations": {name: configuration},
         "foreground_intensity_properties_per_channel": {"0": CT_PROPERTIES},
     }
-    dataset = {"channel_names": {"0": "CT"}, "labels": NNUNET_CLASSES, "numTraining": 3, "file_ending": ".nii.gz",
+    dataset = {"channel_names": {"0": "CT"}, "labels": labels or NNUNET_CLASSES, "numTraining": 3, "file_ending": ".nii.gz",
                "name": "Tiny"}
     (folder / "plans.json").write_text(json.dumps(plans, indent=1))
     (folder / "dataset.json").write_text(json.dumps(dataset, indent=1))

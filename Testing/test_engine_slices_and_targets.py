@@ -183,3 +183,19 @@ def test_multi_layer_map_is_the_mean_of_the_normalised_layer_maps():
     combined = explain(model, image, layer=["bottleneck", "decoder.0", "decoder.1"], **options)
     mean = np.mean(parts, axis=0)
     np.testing.assert_allclose(combined, mean / mean.max(), atol=1e-6)
+
+
+def test_multilabel_models_explain_where_the_class_sigmoid_exceeds_one_half():
+    model = unet(2, classes=3, dtype=torch.float64)
+    image = np.random.default_rng(9).normal(size=(1, 16, 16))
+    with torch.no_grad():
+        logits = model(torch.from_numpy(image)[None])[0]
+        model.head.bias[2] -= logits[2].median()  # half the pixels above sigmoid 0.5, overlapping other classes
+        positive = (model(torch.from_numpy(image)[None])[0, 2] > 0).numpy()
+    options = dict(layer="decoder.1", target_class=2, normalize=False, relu=False, device="cpu")
+    implicit = explain(model, image, multilabel=True, **options)
+    assert np.count_nonzero(implicit) == positive.sum() > 0
+    explicit = explain(model, image, roi=positive, **options)
+    argmax = explain(model, image, **options)
+    np.testing.assert_array_equal(implicit, explicit)
+    assert not np.array_equal(implicit, argmax)

@@ -156,3 +156,17 @@ def test_2d_configuration_explains_slice_by_slice_on_the_volume_grid(tmp_path):
     maps, _ = explain_volume(loaded, volume, target_class="liver", roi=box, device="cpu")
     assert maps["seg-hires-grad-cam"].array.shape == volume.spatial_shape
     assert maps["seg-hires-grad-cam"].array.max() == pytest.approx(1.0)
+
+
+def test_region_based_model_explains_where_each_regions_sigmoid_exceeds_one_half(tmp_path):
+    import torch
+
+    regions = {"background": 0, "whole tumour": [1, 2, 3], "tumour core": [2, 3], "enhancing": 3}
+    network = nnunet_network()
+    loaded = load_model(write_nnunet_folder(tmp_path, network, labels=regions))
+    assert loaded.card.multilabel and loaded.card.class_names == ("whole tumour", "tumour core", "enhancing")
+    volume = ct_volume()
+    _, explanation = explain_volume(loaded, volume, target_class=1, layer=LAYER, device="cpu")
+    with torch.no_grad():
+        logits = network.eval()(torch.from_numpy(prepare_input(volume, loaded.card).image)[None])[0]
+    assert explanation.roi_voxels == int((logits[1] > 0).sum()) != int((logits.argmax(0) == 1).sum())

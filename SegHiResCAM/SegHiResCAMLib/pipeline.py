@@ -147,6 +147,7 @@ def explain_volume(
         spatial_dims=card.spatial_dims,
         slice_axis=card.slice_axis if slice_axis is None else int(slice_axis),
         normalize=True,
+        multilabel=card.multilabel,
         device=device,
         progress=_stage(progress, _PREPARE_SHARE, 1.0 - _PREPARE_SHARE - _RESTORE_SHARE),
     )

@@ -66,6 +66,7 @@ def explain(
     slice_axis: int = 0,
     normalize: bool = True,
     relu: bool = True,
+    multilabel: bool = False,
     device: str = "auto",
 ) -> np.ndarray:
     r"""Class activation map of ``target_class`` over ``roi`` for one image.
@@ -92,6 +93,8 @@ def explain(
         normalize: divide by the maximum over the whole map (an all-zero map stays zero).
         relu: keep only positive evidence (the methods' definition); False gives the
             signed map, for analysis.
+        multilabel: the classes are independent (one sigmoid per channel, e.g. nnU-Net
+            region-based models): the predicted region is sigmoid > 0.5 instead of argmax.
         device: "auto" (CUDA if available), "cpu" or "cuda".
 
     Returns:
@@ -104,7 +107,7 @@ def explain(
     result = explain_detailed(
         model, image, layer=layer, target_class=target_class, roi=roi, methods=(method,), target=target,
         threshold=threshold, spatial_dims=spatial_dims, slice_axis=slice_axis, normalize=normalize, relu=relu,
-        device=device,
+        multilabel=multilabel, device=device,
     )
     for message in result.warnings:
         _warnings.warn(message, RuntimeWarning, stacklevel=2)
@@ -125,6 +128,7 @@ def explain_detailed(
     slice_axis: int = 0,
     normalize: bool = True,
     relu: bool = True,
+    multilabel: bool = False,
     device: str = "auto",
     progress: ProgressCallback | None = None,
     batch_size: int | None = None,
@@ -151,7 +155,7 @@ def explain_detailed(
     samples, roi_t, layout = _arrange(image_t, roi, spatial_dims, slice_axis)
     resolved = resolve_device(device)
     notes: list[str] = []
-    job = _Job(model, layers, int(target_class), methods, target, float(threshold), relu, progress)
+    job = _Job(model, layers, int(target_class), methods, target, float(threshold), relu, multilabel, progress)
     try:
         maps, roi_voxels = job.run(samples, roi_t, resolved, batch_size)
     except _GpuExhausted:
@@ -238,10 +242,10 @@ def _arrange(image: torch.Tensor, roi, spatial_dims: int | None, slice_axis: int
 class _Job:
     """One explanation over a stack of samples, batch by batch."""
 
-    def __init__(self, model, layers, class_index, methods, target, threshold, relu, progress) -> None:
+    def __init__(self, model, layers, class_index, methods, target, threshold, relu, multilabel, progress) -> None:
         self.model, self.layers, self.class_index = model, layers, class_index
         self.methods, self.target, self.threshold = methods, target, threshold
-        self.relu, self.progress = relu, progress
+        self.relu, self.multilabel, self.progress = relu, multilabel, progress
 
     def run(self, samples: torch.Tensor, roi: torch.Tensor | None, device: torch.device, batch_size: int | None):
         count, spatial = samples.shape[0], tuple(samples.shape[2:])
@@ -325,7 +329,7 @@ class _Job:
             )
         roi_out = None if roi is None else roi_on_output_grid(roi, tuple(output.shape[2:]))
         scores, used = per_sample_scores(output, self.class_index, roi_out, target=self.target,
-                                         threshold=self.threshold)
+                                         threshold=self.threshold, multilabel=self.multilabel)
         voxels = int(used.ne(0).sum())
         gradients = torch.autograd.grad(scores.sum(), activations, allow_unused=True)
         del output, scores

@@ -12,16 +12,17 @@ import torch.nn.functional as F
 TARGETS = ("logits", "probability-threshold")
 
 
-def class_probabilities(output: torch.Tensor) -> torch.Tensor:
-    """Softmax over classes, or the sigmoid for a one-channel output."""
-    return torch.sigmoid(output) if output.shape[1] == 1 else torch.softmax(output, dim=1)
+def class_probabilities(output: torch.Tensor, multilabel: bool = False) -> torch.Tensor:
+    """Softmax over classes; the sigmoid per channel for one channel or independent classes."""
+    return torch.sigmoid(output) if multilabel or output.shape[1] == 1 else torch.softmax(output, dim=1)
 
 
-def predicted_roi(output: torch.Tensor, class_index: int) -> torch.Tensor:
-    """The model's own prediction for a class: argmax == c, or logit > 0 for one channel."""
+def predicted_roi(output: torch.Tensor, class_index: int, multilabel: bool = False) -> torch.Tensor:
+    """The model's own prediction for a class: argmax == c; logit > 0 (sigmoid > 0.5) for one
+    channel or independent classes."""
     with torch.no_grad():
-        if output.shape[1] == 1:
-            return output[:, 0] > 0
+        if multilabel or output.shape[1] == 1:
+            return output[:, class_index] > 0
         return output.argmax(dim=1) == class_index
 
 
@@ -32,6 +33,7 @@ def per_sample_scores(
     *,
     target: str = "logits",
     threshold: float = 0.5,
+    multilabel: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Target scores per sample and the ROI actually used.
 
@@ -42,15 +44,16 @@ def per_sample_scores(
             model's own prediction (logits: argmax; probability-threshold: s_c > threshold).
         target: "logits": ``y = sum_p m(p) z_c(p)``; "probability-threshold" (EIECS 2021):
             ``y = sum_p m(p) s_c(p) [s_c(p) > t]``.
+        multilabel: classes are independent (sigmoid per channel), see ``predicted_roi``.
 
     Returns:
         ``(scores (B,), roi (B, *spatial) float)``.
     """
     if target == "logits":
-        weights = predicted_roi(output, class_index) if roi is None else roi
+        weights = predicted_roi(output, class_index, multilabel) if roi is None else roi
         weights = weights.to(output.dtype).detach()
         return (output[:, class_index] * weights).flatten(1).sum(1), weights
-    probabilities = class_probabilities(output)[:, class_index]
+    probabilities = class_probabilities(output, multilabel)[:, class_index]
     above = (probabilities > threshold).detach()
     weights = above.to(output.dtype) if roi is None else roi.to(output.dtype).detach() * above
     return (probabilities * weights).flatten(1).sum(1), weights

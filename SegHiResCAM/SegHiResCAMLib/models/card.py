@@ -38,6 +38,8 @@ class ModelCard:
             {"scheme": "none"} by default.
         layers: layer names worth explaining, first = default.
         outputs: "logits" or "probabilities".
+        multilabel: the classes are independent (one sigmoid per output channel, e.g. nnU-Net
+            region-based models): a class's predicted region is sigmoid > 0.5, not argmax.
         slice_axis: for 2D models, the array axis (of K, J, I) to slice along.
         divisible_by: the input's spatial sizes must be multiples of this (zero padding is added
             at the end of each axis, except the slice axis of a 2D model).
@@ -58,6 +60,7 @@ class ModelCard:
     intensity: dict[str, Any] = field(default_factory=lambda: {"scheme": "none"})
     layers: tuple[str, ...] = ()
     outputs: str = "logits"
+    multilabel: bool = False
     slice_axis: int = 0
     divisible_by: int = 1
     transpose: tuple[int, int, int] | None = None

@@ -227,6 +227,7 @@ def card_for(folder: Path, plans: dict[str, Any], dataset: dict[str, Any], confi
         intensity=_intensity(plans, config, len(channels)),
         layers=tuple(reversed(layers)),  # the last decoder stage (full resolution) first
         outputs="logits",
+        multilabel=bool(regions),
         slice_axis=0,
         divisible_by=int(np.max(per_axis)),
         transpose=transpose,  # type: ignore[arg-type]
