@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..errors import LayerError
+from ..errors import InputError, LayerError, ModelError
 
 
 def layer_names(model: nn.Module) -> list[str]:
@@ -123,7 +123,22 @@ def _as_output_tensor(output) -> torch.Tensor:
     if isinstance(output, (list, tuple)) and output and isinstance(output[0], torch.Tensor):
         output = output[0]
     if not isinstance(output, torch.Tensor):
-        from ..errors import ModelError
-
         raise ModelError(f"the model returned {type(output).__name__}; a segmentation model must return a tensor")
+    return output
+
+
+def segmentation_output(output, batch: torch.Tensor, class_index: int) -> torch.Tensor:
+    """The model's output as ``(B, classes, *spatial)`` with ``class_index`` among its classes, or a clear error."""
+    output = _as_output_tensor(output)
+    if output.ndim != batch.ndim:
+        raise ModelError(
+            f"the model's output has shape {tuple(output.shape)}, without the spatial dimensions of its input "
+            f"{tuple(batch.shape)}; SegHiResCAM explains segmentation models whose output is (N, classes, *spatial)"
+        )
+    classes = output.shape[1]
+    if not 0 <= class_index < classes:
+        raise InputError(
+            f"class {class_index} is out of range: the model outputs {classes} class"
+            f"{'es' if classes > 1 else ''} (0 to {classes - 1})"
+        )
     return output

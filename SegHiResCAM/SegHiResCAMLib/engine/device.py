@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -77,3 +77,48 @@ def _available_ram() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 8 * 2**30
+
+
+def forward_bytes(model: nn.Module, probe: torch.Tensor) -> int:
+    """Bytes of every leaf module's output in one no-grad forward pass of ``probe``."""
+    total = 0
+
+    def count(module, inputs, output) -> None:
+        nonlocal total
+        if isinstance(output, torch.Tensor):
+            total += output.numel() * output.element_size()
+
+    handles = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(probe)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
+
+
+def fitting_count(model: nn.Module, probe: torch.Tensor, limit: int, factor: float = 1.0) -> int:
+    """How many samples like ``probe`` (at most ``limit``) fit the memory budget at once,
+    when each needs ``factor`` times its forward pass's outputs."""
+    if limit <= 1:
+        return 1
+    per_sample = max(1, int(factor * forward_bytes(model, probe)))
+    return int(max(1, min(limit, memory_budget(probe.device) // per_sample)))
+
+
+def in_chunks(count: int, size: int, device: torch.device, step: Callable[[torch.Tensor], None]) -> None:
+    """Call ``step`` on consecutive index chunks of ``range(count)``; after a CUDA out-of-memory
+    error, retry with half the chunk (a chunk of one re-raises)."""
+    done = 0
+    while done < count:
+        index = torch.arange(done, min(count, done + size))
+        try:
+            step(index)
+        except RuntimeError as error:
+            if device.type != "cuda" or not is_out_of_memory(error) or size == 1:
+                raise
+            torch.cuda.empty_cache()
+            size = max(1, size // 2)
+            continue
+        done += len(index)

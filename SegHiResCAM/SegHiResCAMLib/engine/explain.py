@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InputError, LayerError, ModelError
-from .capture import check_layers, forward_with_activations
-from .device import is_out_of_memory, memory_budget, model_device, prepared_model, resolve_device
+from ..errors import InputError, LayerError
+from .capture import check_layers, forward_with_activations, segmentation_output
+from .device import fitting_count, in_chunks, is_out_of_memory, prepared_model, resolve_device
 from .methods import METHODS
 from .resize import normalize_by_max, upsample_to
 from .targets import TARGETS, per_sample_scores, roi_on_output_grid
@@ -262,28 +262,29 @@ class _Job:
         if len(todo) == 0:
             return maps, 0
         with prepared_model(self.model, device):
-            size = batch_size or self._fitting_batch(samples[todo[:1]].to(device), device, len(todo))
+            # Saved activations for backward plus gradients: about twice the forward's outputs.
+            size = batch_size or fitting_count(self.model, samples[todo[:1]].to(device), len(todo), factor=2)
             done = 0
             self._report(0.0, len(todo))
-            while done < len(todo):
-                index = todo[done : done + size]
-                try:
-                    batch_maps, voxels = self._explain_batch(
-                        samples[index].to(device), None if roi is None else roi[index].to(device), spatial
-                    )
-                except RuntimeError as error:
-                    if device.type != "cuda" or not is_out_of_memory(error):
-                        raise
-                    torch.cuda.empty_cache()
-                    if size == 1:
-                        raise _GpuExhausted() from error
-                    size = max(1, size // 2)
-                    continue
+
+            def step(chunk: torch.Tensor) -> None:
+                nonlocal roi_voxels, done
+                index = todo[chunk]
+                batch_maps, voxels = self._explain_batch(
+                    samples[index].to(device), None if roi is None else roi[index].to(device), spatial
+                )
                 for key, value in batch_maps.items():
                     maps[key][index.to(device)] = value
                 roi_voxels += voxels
                 done += len(index)
                 self._report(done / len(todo), len(todo), done)
+
+            try:
+                in_chunks(len(todo), size, device, step)
+            except RuntimeError as error:
+                if device.type == "cuda" and is_out_of_memory(error):
+                    raise _GpuExhausted() from error
+                raise
         return maps, roi_voxels
 
     def _report(self, fraction: float, total: int, done: int = 0) -> None:
@@ -291,42 +292,9 @@ class _Job:
             unit = "slice" if total > 1 else "volume"
             self.progress(fraction, f"explained {done} of {total} {unit}{'s' if total > 1 else ''}")
 
-    def _fitting_batch(self, probe: torch.Tensor, device: torch.device, count: int) -> int:
-        """Samples per batch that fit the memory budget, from the activation sizes of one probe."""
-        if count == 1:
-            return 1
-        total = 0
-
-        def hook(module, inputs, output):
-            nonlocal total
-            if isinstance(output, torch.Tensor):
-                total += output.numel() * output.element_size()
-
-        leaves = [m for m in self.model.modules() if not list(m.children())]
-        handles = [m.register_forward_hook(hook) for m in leaves]
-        try:
-            with torch.no_grad():
-                self.model(probe)
-        finally:
-            for handle in handles:
-                handle.remove()
-        # Saved activations for backward plus gradients: about twice the forward's outputs.
-        per_sample = max(1, 2 * total)
-        return int(max(1, min(count, memory_budget(device) // per_sample)))
-
     def _explain_batch(self, batch: torch.Tensor, roi: torch.Tensor | None, spatial: tuple[int, ...]):
         output, activations = forward_with_activations(self.model, batch, self.layers)
-        if output.ndim != batch.ndim:
-            raise ModelError(
-                f"the model's output has shape {tuple(output.shape)}, without the spatial dimensions of its input "
-                f"{tuple(batch.shape)}; SegHiResCAM explains segmentation models whose output is (N, classes, *spatial)"
-            )
-        classes = output.shape[1]
-        if not 0 <= self.class_index < classes:
-            raise InputError(
-                f"class {self.class_index} is out of range: the model outputs {classes} class"
-                f"{'es' if classes > 1 else ''} (0 to {classes - 1})"
-            )
+        output = segmentation_output(output, batch, self.class_index)
         roi_out = None if roi is None else roi_on_output_grid(roi, tuple(output.shape[2:]))
         scores, used = per_sample_scores(output, self.class_index, roi_out, target=self.target,
                                          threshold=self.threshold, multilabel=self.multilabel)

@@ -21,11 +21,11 @@ import torch
 from torch import nn
 
 from ..errors import LayerError
-from .capture import check_layers
-from .device import prepared_model, resolve_device
+from .capture import check_layers, segmentation_output
+from .device import fitting_count, in_chunks, prepared_model, resolve_device
 from .explain import _arrange, _image_tensor
 from .resize import normalize_by_max, upsample_to
-from .validation import checked_output, fitting_chunk, in_chunks, roi_prediction
+from .validation import roi_prediction
 
 
 @dataclass(frozen=True)
@@ -82,11 +82,12 @@ def kernel_weighted_detailed(model: nn.Module, image, *, layer: str, target_clas
     run_device = resolve_device(device)
     spatial, count = tuple(samples.shape[2:]), samples.shape[0]
     with prepared_model(model, run_device), _ChannelGate(model, layer) as gate, torch.inference_mode():
-        size = batch_size or fitting_chunk(model, samples[:1].to(run_device))
+        # Chunks of forward passes under inference mode: one forward's outputs each, no factor.
+        size = batch_size or fitting_count(model, samples[:1].to(run_device), limit=2**31)
         found: dict[str, torch.Tensor] = {}  # P and m on the output grid, allocated once its size is known
 
         def reference(index: torch.Tensor) -> None:
-            output = checked_output(model(samples[index].to(run_device)), samples, target_class)
+            output = segmentation_output(model(samples[index].to(run_device)), samples, target_class)
             given = None if roi_t is None else roi_t[index].to(run_device)
             kept_prediction, roi_weights = roi_prediction(output, target_class, given, multilabel)
             if not found:
@@ -118,7 +119,7 @@ def kernel_weighted_detailed(model: nn.Module, image, *, layer: str, target_clas
             rows, which = index % (2 * channels), kept[index // (2 * channels)]
             distinct, position = torch.unique(which, return_inverse=True)
             gate.masks = table[torch.cat([rows, torch.full((len(distinct),), 2 * channels)])]
-            output = checked_output(model(samples[torch.cat([which, distinct])].to(run_device)), samples, target_class)
+            output = segmentation_output(model(samples[torch.cat([which, distinct])].to(run_device)), samples, target_class)
             gate.masks = None
             regions = masks[torch.cat([which, distinct])]
             probabilities, _ = roi_prediction(output, target_class, regions, multilabel)

@@ -7,22 +7,22 @@ the ROI ``m`` of the ORIGINAL prediction) and ``P~`` the same on ``x~``:
 - Prediction Preserved ``PP = sum_p min(P~(p), P(p)) / sum_p P(p)`` in [0, 1], higher is better;
 - Image Preserved ``IP = mean_p a(p)`` in [0, 1], lower is better (the map keeps less of the image).
 
-The helpers below (the model's output checked, ``P`` and its ROI, memory-sized chunks) are shared
-with ``engine.kernel_weighted``, whose ablations use the same ``min(P~, P)`` terms.
+``roi_prediction`` (``P`` and its ROI) is shared with ``engine.kernel_weighted``, whose ablations
+use the same ``min(P~, P)`` terms.
 """
 
 from __future__ import annotations
 
 import warnings as _warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InputError, ModelError
-from .device import is_out_of_memory, memory_budget, prepared_model, resolve_device
+from ..errors import InputError
+from .capture import segmentation_output
+from .device import fitting_count, in_chunks, prepared_model, resolve_device
 from .explain import _arrange, _image_tensor
 from .targets import class_probabilities, predicted_roi, roi_on_output_grid
 
@@ -68,15 +68,16 @@ def masking_scores(model: nn.Module, image, heatmap, *, target_class: int, roi=N
 
         def predict_both(index: torch.Tensor) -> None:
             batch = torch.cat([samples[index], masked_samples[index]]).to(run_device)
-            output = checked_output(model(batch), batch, target_class)
+            output = segmentation_output(model(batch), batch, target_class)
             given = None if roi_t is None else roi_t[index].to(run_device)
             original, weights = roi_prediction(output[: len(index)], target_class, given, multilabel)
             changed, _ = roi_prediction(output[len(index):], target_class, weights, multilabel)
             sums[0] += original.sum().cpu()
             sums[1] += torch.minimum(changed, original).sum().cpu()
 
-        size = fitting_chunk(model, samples[:1].to(run_device))
-        in_chunks(samples.shape[0], max(1, size // 2), run_device, predict_both)
+        # Each chunk holds every sample twice (original and masked).
+        size = fitting_count(model, samples[:1].to(run_device), samples.shape[0], factor=2)
+        in_chunks(samples.shape[0], size, run_device, predict_both)
     if sums[0] <= 0:
         _warnings.warn(f"the region to score (class {target_class}) is empty, so Prediction Preserved is undefined "
                        "(NaN); choose a region or class that is present", RuntimeWarning, stacklevel=2)
@@ -104,19 +105,6 @@ def _kept_fraction(heatmap, spatial: tuple[int, ...], threshold: float | None) -
     return (heat > threshold).to(torch.float64)
 
 
-def checked_output(output, batch: torch.Tensor, class_index: int) -> torch.Tensor:
-    """The model's segmentation output ``(B, classes, *spatial)``, or a clear error."""
-    if isinstance(output, (list, tuple)) and output and isinstance(output[0], torch.Tensor):
-        output = output[0]  # deep supervision: the full-resolution output comes first
-    if not isinstance(output, torch.Tensor) or output.ndim != batch.ndim:
-        raise ModelError("the model's output is not (N, classes, *spatial); SegHiResCAM explains segmentation "
-                         "models whose output keeps the spatial dimensions of the input")
-    if not 0 <= class_index < output.shape[1]:
-        raise InputError(f"class {class_index} is out of range: the model outputs {output.shape[1]} "
-                         f"class(es) (0 to {output.shape[1] - 1})")
-    return output
-
-
 def roi_prediction(output: torch.Tensor, class_index: int, roi: torch.Tensor | None,
                    multilabel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(P, m)`` in float64: ``P = m * s_c`` with ``m`` the ROI on the output grid, or the prediction."""
@@ -126,38 +114,3 @@ def roi_prediction(output: torch.Tensor, class_index: int, roi: torch.Tensor | N
         roi = roi_on_output_grid(roi, tuple(output.shape[2:]))
     weights = roi.to(torch.float64)
     return class_probabilities(output, multilabel)[:, class_index].to(torch.float64) * weights, weights
-
-
-
-def fitting_chunk(model: nn.Module, probe: torch.Tensor) -> int:
-    """Forward passes per chunk that fit the memory budget (every module output of one probe, summed)."""
-    total = 0
-
-    def hook(module, inputs, output):
-        nonlocal total
-        if isinstance(output, torch.Tensor):
-            total += output.numel() * output.element_size()
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
-    try:
-        model(probe)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return int(max(1, memory_budget(probe.device) // max(1, total)))
-
-
-def in_chunks(count: int, size: int, device: torch.device, step: Callable[[torch.Tensor], None]) -> None:
-    """Call ``step`` on consecutive index chunks; on a CUDA out-of-memory error retry with half the chunk."""
-    done = 0
-    while done < count:
-        index = torch.arange(done, min(count, done + size))
-        try:
-            step(index)
-        except RuntimeError as error:
-            if device.type != "cuda" or not is_out_of_memory(error) or size == 1:
-                raise
-            torch.cuda.empty_cache()
-            size = max(1, size // 2)
-            continue
-        done += len(index)
