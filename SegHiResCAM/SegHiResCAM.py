@@ -88,6 +88,7 @@ class CamMethod(enum.Enum):
     SEG_GRAD_CAM_PP = "seg-grad-cam++"
     SEG_XGRAD_CAM = "seg-xgrad-cam"
     SEG_LAYER_CAM = "seg-layer-cam"
+    KERNEL_WEIGHTED = "kernel-weighted-contribution"
 
     def label(self) -> str:
         return {
@@ -96,6 +97,7 @@ class CamMethod(enum.Enum):
             "seg-grad-cam++": _("Seg-Grad CAM++"),
             "seg-xgrad-cam": _("Seg-XGrad CAM"),
             "seg-layer-cam": _("Seg-Layer CAM"),
+            "kernel-weighted-contribution": _("Kernel-Weighted Contribution (slow: ablates each channel)"),
         }[self.value]
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from tiny_models import save_tiny_unet, write_labels_like, write_oblique_image
+from tiny_models import save_tiny_unet, write_oblique_image
 
 from SegHiResCAMLib.cli import ProgressBar, main
 from SegHiResCAMLib.io.images import read_image, read_mask

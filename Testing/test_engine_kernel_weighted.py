@@ -189,3 +189,18 @@ def test_unknown_layer_names_close_matches():
     with pytest.raises(LayerError, match="features"):
         kernel_weighted_contribution(LocalNet(2), np.ones((1, 8, 8), np.float32), layer="feature", target_class=0,
                                      device="cpu")
+
+
+def test_explain_offers_kernel_weighted_contribution_beside_the_gradient_methods():
+    from SegHiResCAMLib import explain_detailed
+
+    model = unet(3, classes=3)
+    image = np.random.default_rng(3).random((1, 8, 8, 8), dtype=np.float32)
+    options = dict(layer="bottleneck", target_class=1, roi=np.ones((8, 8, 8), bool), device="cpu")
+    fractions = []
+    both = explain_detailed(model, image, methods=("seg-hires-grad-cam", "kernel-weighted-contribution"),
+                            progress=lambda fraction, message: fractions.append(fraction), **options)
+    assert list(both.maps) == ["seg-hires-grad-cam", "kernel-weighted-contribution"]
+    np.testing.assert_allclose(both.maps["kernel-weighted-contribution"],
+                               kernel_weighted_contribution(model, image, **options), atol=1e-6)
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from SegHiResCAMLib import explain, explain_detailed
-from engine_nets import LocalNet, hooked_output_and_activation, unet
+from engine_nets import LocalNet, unet
 
 
 def _image(shape, seed=1, dtype=np.float64):

@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--roi", metavar="PATH", help="label file of the region to explain (default: the model's own prediction of C)")
     explain.add_argument("--roi-label", metavar="L", help="label value or segment name in --roi (default: its only label)")
     explain.add_argument("--method", default="seg-hires-grad-cam", metavar="M",
-                         help="seg-hires-grad-cam (default), seg-grad-cam, seg-grad-cam++, seg-xgrad-cam, seg-layer-cam")
+                         help="seg-hires-grad-cam (default), seg-grad-cam, seg-grad-cam++, seg-xgrad-cam, seg-layer-cam, "
+                         "kernel-weighted-contribution (ablation of each channel: slow)")
     explain.add_argument("--target", default="logits", metavar="T",
                          help="what is explained: logits (default) or probability-threshold")
     explain.add_argument("--threshold", type=float, default=0.5,
@@ -148,11 +149,11 @@ def _warn(message: str) -> None:
 
 def _check_choices(method: str, target: str) -> None:
     """Check names against the engine's own lists (argparse choices would import torch for --help)."""
-    from .engine.methods import METHODS
+    from .engine.explain import METHOD_NAMES
     from .engine.targets import TARGETS
 
-    if method not in METHODS:
-        raise InputError(f"method {method!r} is unknown; choose one of: {', '.join(METHODS)}")
+    if method not in METHOD_NAMES:
+        raise InputError(f"method {method!r} is unknown; choose one of: {', '.join(METHOD_NAMES)}")
     if target not in TARGETS:
         raise InputError(f"target {target!r} is unknown; choose one of: {', '.join(TARGETS)}")
 

@@ -45,17 +45,6 @@ def resolve_class(target_class: int | str, class_names: Sequence[str]) -> int:
     return index
 
 
-def _stage(progress: ProgressCallback | None, start: float, share: float) -> ProgressCallback | None:
-    """A progress callback that maps the engine's 0..1 onto ``start .. start + share``."""
-    if progress is None:
-        return None
-
-    def report(fraction: float, message: str) -> None:
-        progress(start + share * min(max(float(fraction), 0.0), 1.0), message)
-
-    return report
-
-
 def _normalised(heat: np.ndarray) -> np.ndarray:
     """Divide by the maximum over the whole volume; an all-zero map stays zero (never NaN)."""
     heat = np.nan_to_num(np.asarray(heat, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
@@ -107,7 +96,7 @@ def explain_volume(
         LayerError: unknown layer (with the nearest names).
     """
     from .engine.capture import check_layers
-    from .engine.explain import explain_detailed
+    from .engine.explain import explain_detailed, scaled_progress
     from .models.preprocess import prepare_input
 
     card = loaded.card
@@ -149,7 +138,7 @@ def explain_volume(
         normalize=True,
         multilabel=card.multilabel,
         device=device,
-        progress=_stage(progress, _PREPARE_SHARE, 1.0 - _PREPARE_SHARE - _RESTORE_SHARE),
+        progress=scaled_progress(progress, _PREPARE_SHARE, 1.0 - _PREPARE_SHARE - _RESTORE_SHARE),
     )
     if progress is not None:
         progress(1.0 - _RESTORE_SHARE, "mapping the heatmaps back onto the image grid")

@@ -22,6 +22,9 @@ from ..errors import InputError, LayerError
 from .capture import check_layers, forward_with_activations, segmentation_output
 from .device import fitting_count, in_chunks, is_out_of_memory, prepared_model, resolve_device
 from .methods import METHODS
+
+KERNEL_WEIGHTED = "kernel-weighted-contribution"
+METHOD_NAMES = (*METHODS, KERNEL_WEIGHTED)
 from .resize import normalize_by_max, upsample_to
 from .targets import TARGETS, per_sample_scores, roi_on_output_grid
 
@@ -144,40 +147,60 @@ def explain_detailed(
     if not layers:
         raise InputError("no layer was given; pick at least one layer to explain")
     methods = list(methods)
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in METHOD_NAMES]
     if unknown or not methods:
-        raise InputError(f"method {unknown[0] if unknown else None!r} is unknown; choose one of {', '.join(METHODS)}")
+        raise InputError(
+            f"method {unknown[0] if unknown else None!r} is unknown; choose one of {', '.join(METHOD_NAMES)}"
+        )
     if target not in TARGETS:
         raise InputError(f"target {target!r} is unknown; choose one of {', '.join(TARGETS)}")
     check_layers(model, layers)
 
-    image_t = _image_tensor(image, model)
-    samples, roi_t, layout = _arrange(image_t, roi, spatial_dims, slice_axis)
-    resolved = resolve_device(device)
+    gradient_methods = [m for m in methods if m in METHODS]
+    ablation = KERNEL_WEIGHTED in methods
+    # KWC costs about 2K forward passes against the gradient methods' one: most of the bar is its.
+    gradient_share = 0.1 if ablation else 1.0
+    result: dict[str, np.ndarray] = {}
     notes: list[str] = []
-    job = _Job(model, layers, int(target_class), methods, target, float(threshold), relu, multilabel, progress)
-    try:
-        maps, roi_voxels = job.run(samples, roi_t, resolved, batch_size)
-    except _GpuExhausted:
-        notes.append("the GPU ran out of memory even one slice at a time, so the CPU computed this map instead")
-        resolved = torch.device("cpu")
-        maps, roi_voxels = job.run(samples, roi_t, resolved, batch_size)
+    resolved, roi_voxels = resolve_device(device), 0
+    if gradient_methods:
+        job = _Job(model, layers, int(target_class), gradient_methods, target, float(threshold), relu, multilabel,
+                   scaled_progress(progress, 0.0, gradient_share))
+        result, resolved, roi_voxels, notes = job.maps(image, roi, spatial_dims, slice_axis, normalize, resolved,
+                                                       batch_size)
+    if ablation:
+        from .kernel_weighted import kernel_weighted_detailed
 
-    if roi_voxels == 0:
-        notes.append(
-            "the region to explain is empty inside the image"
-            if roi is not None
-            else f"the model predicts no voxel of class {target_class} in this image"
-        )
-        notes[-1] += ", so the heatmap is all zeros; choose a region or class that is present"
-    result = {}
-    for method in methods:
-        per_layer = [maps[(method, name)] for name in layers]
-        combined = per_layer[0] if len(per_layer) == 1 else torch.stack([normalize_by_max(m) for m in per_layer]).mean(0)
-        if normalize:
-            combined = normalize_by_max(combined)
-        result[method] = layout.restore(combined).to(torch.float32).cpu().numpy()
-    return Explanation(result, str(resolved), roi_voxels, time.perf_counter() - started, tuple(notes))
+        runs = [
+            kernel_weighted_detailed(
+                model, image, layer=name, target_class=target_class, roi=roi, spatial_dims=spatial_dims,
+                slice_axis=slice_axis, normalize=normalize or len(layers) > 1, device=device,
+                progress=scaled_progress(progress, gradient_share + (1 - gradient_share) * i / len(layers),
+                                         (1 - gradient_share) / len(layers)),
+                multilabel=multilabel,
+            )
+            for i, name in enumerate(layers)
+        ]
+        heat = runs[0].heatmap if len(runs) == 1 else np.mean([run.heatmap for run in runs], axis=0)
+        if normalize and len(runs) > 1 and heat.max() > 0:
+            heat = heat / heat.max()
+        result[KERNEL_WEIGHTED] = heat.astype(np.float32)
+        notes += [message for run in runs for message in run.warnings]
+        if not gradient_methods:
+            resolved, roi_voxels = torch.device(runs[0].device), runs[0].roi_voxels
+    return Explanation({m: result[m] for m in methods}, str(resolved), roi_voxels, time.perf_counter() - started,
+                       tuple(dict.fromkeys(notes)))
+
+
+def scaled_progress(progress: ProgressCallback | None, start: float, share: float) -> ProgressCallback | None:
+    """A progress callback that maps a stage's 0..1 onto ``start .. start + share`` of the whole."""
+    if progress is None:
+        return None
+
+    def report(fraction: float, message: str) -> None:
+        progress(start + share * min(max(float(fraction), 0.0), 1.0), message)
+
+    return report
 
 
 class _GpuExhausted(Exception):
@@ -246,6 +269,33 @@ class _Job:
         self.model, self.layers, self.class_index = model, layers, class_index
         self.methods, self.target, self.threshold = methods, target, threshold
         self.relu, self.multilabel, self.progress = relu, multilabel, progress
+
+    def maps(self, image, roi, spatial_dims, slice_axis, normalize, device, batch_size):
+        """Every method's map on the image grid, the device that ran, ROI voxels and notes."""
+        samples, roi_t, layout = _arrange(_image_tensor(image, self.model), roi, spatial_dims, slice_axis)
+        notes: list[str] = []
+        try:
+            maps, roi_voxels = self.run(samples, roi_t, device, batch_size)
+        except _GpuExhausted:
+            notes.append("the GPU ran out of memory even one slice at a time, so the CPU computed this map instead")
+            device = torch.device("cpu")
+            maps, roi_voxels = self.run(samples, roi_t, device, batch_size)
+        if roi_voxels == 0:
+            notes.append(
+                "the region to explain is empty inside the image"
+                if roi is not None
+                else f"the model predicts no voxel of class {self.class_index} in this image"
+            )
+            notes[-1] += ", so the heatmap is all zeros; choose a region or class that is present"
+        result = {}
+        for method in self.methods:
+            per_layer = [maps[(method, name)] for name in self.layers]
+            combined = per_layer[0] if len(per_layer) == 1 else torch.stack(
+                [normalize_by_max(m) for m in per_layer]).mean(0)
+            if normalize:
+                combined = normalize_by_max(combined)
+            result[method] = layout.restore(combined).to(torch.float32).cpu().numpy()
+        return result, device, roi_voxels, notes
 
     def run(self, samples: torch.Tensor, roi: torch.Tensor | None, device: torch.device, batch_size: int | None):
         count, spatial = samples.shape[0], tuple(samples.shape[2:])
