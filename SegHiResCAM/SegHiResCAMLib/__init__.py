@@ -8,30 +8,27 @@ Slicer's module scan) never pulls in torch:
 
 from __future__ import annotations
 
-import importlib
+from .lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "explain": "SegHiResCAMLib.engine.explain",
-    "explain_detailed": "SegHiResCAMLib.engine.explain",
-    "Explanation": "SegHiResCAMLib.engine.explain",
-    "METHODS": "SegHiResCAMLib.engine.methods",
-    "kernel_weighted_contribution": "SegHiResCAMLib.engine.kernel_weighted",
-    "masking_scores": "SegHiResCAMLib.engine.validation",
-    "MaskingScores": "SegHiResCAMLib.engine.validation",
-    "list_layers": "SegHiResCAMLib.engine.layers",
-    "LayerInfo": "SegHiResCAMLib.engine.layers",
-    "load_model": "SegHiResCAMLib.models.loading",
-    "LoadedModel": "SegHiResCAMLib.models.loading",
-    "ModelCard": "SegHiResCAMLib.models.card",
-    "Volume": "SegHiResCAMLib.volume",
+    "explain": "engine.explain",
+    "explain_detailed": "engine.explain",
+    "Explanation": "engine.explain",
+    "METHODS": "engine.methods",
+    "kernel_weighted_contribution": "engine.kernel_weighted",
+    "masking_scores": "engine.validation",
+    "MaskingScores": "engine.validation",
+    "list_layers": "engine.layers",
+    "LayerInfo": "engine.layers",
+    "load_model": "models.loading",
+    "LoadedModel": "models.loading",
+    "ModelCard": "models.card",
+    "Volume": "volume",
 }
 
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'SegHiResCAMLib' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -114,13 +114,15 @@ def build_network(card: ModelCard, source: Path) -> nn.Module:
 
 
 def _load_weights(module: nn.Module, weights: Path) -> None:
-    state = load_state_dict(weights)
+    fit_weights(module, load_state_dict(weights), f"the weights in {weights.name}", "the network described for them")
+
+
+def fit_weights(module: nn.Module, state: dict[str, torch.Tensor], weights: str, network: str) -> None:
+    """Load ``state`` into ``module``, or say which weights do not fit which network."""
     try:
         module.load_state_dict(state)
     except RuntimeError as error:
-        raise ModelError(
-            f"the weights in {weights.name} do not fit the network described for them: {str(error).splitlines()[0]}"
-        ) from error
+        raise ModelError(f"{weights} do not fit {network}: {str(error).splitlines()[0]}") from error
 
 
 def _card_for_spec(spec: dict[str, Any], source: Path) -> ModelCard:

@@ -261,13 +261,9 @@ def load_results_folder(path: Path) -> tuple[nn.Module, ModelCard]:
     channels = len(dataset.get("channel_names", dataset.get("modality", {"0": "image"})))
     class_names, _ = _labels(dataset)
     network = build_network(plans, config, channels, len(class_names))
-    weights = load_checkpoint(checkpoint)
-    try:
-        network.load_state_dict(weights)
-    except RuntimeError as error:
-        raise ModelError(
-            f"the weights in {checkpoint} do not fit the network the plans describe ({configuration}): "
-            f"{str(error).splitlines()[0]}"
-        ) from error
+    from .loading import fit_weights  # loading imports this module lazily too
+
+    fit_weights(network, load_checkpoint(checkpoint), f"the weights in {checkpoint}",
+                f"the network the plans describe ({configuration})")
     network.eval()
     return network, card_for(folder, plans, dataset, configuration, network)

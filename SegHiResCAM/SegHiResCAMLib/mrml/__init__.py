@@ -10,7 +10,7 @@ the scene explicitly; inside Slicer pass ``slicer.mrmlScene``. The submodules im
 
 from __future__ import annotations
 
-import importlib
+from ..lazy import lazy_getattr
 
 _LAZY = {
     "new_scene": "scene",
@@ -40,7 +40,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
