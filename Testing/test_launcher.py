@@ -180,3 +180,13 @@ def test_worker_finds_the_library_through_pythonpath_from_any_folder(tmp_path, m
         library_parent = Path(env["PYTHONPATH"].split(os.pathsep)[0])
         assert (library_parent / "SegHiResCAMLib" / "worker" / "__main__.py").is_file()
         assert env["PYTHONUNBUFFERED"] == "1" and env["PYTHONNOUSERSITE"] == "1"
+
+
+def test_worker_runs_with_the_fast_allocator_unless_the_user_chose_otherwise(monkeypatch):
+    from SegHiResCAMLib.worker.launcher import FAST_ALLOCATOR
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")
+    env = WorkerProcess()._environment()
+    assert env["MALLOC_MMAP_THRESHOLD_"] == FAST_ALLOCATOR["MALLOC_MMAP_THRESHOLD_"] == str(4 * 2**30)
+    assert env["MALLOC_TRIM_THRESHOLD_"] == "12345"

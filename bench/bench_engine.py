@@ -5,11 +5,17 @@ Prints ratios measured side by side in one run; asserts nothing (machines are no
 Cases (issue 2): a 3D U-Net at 96^3 and 128^3 explained at the bottleneck and at the last
 decoder stage; a 2D U-Net over a 64-slice 256^2 volume; and the sparse case, an ROI on 4
 of those 64 slices. Per case: median inference-mode forward time, median explain time
-(>= 5 interleaved rounds), their ratio, and peak memory above the forward's peak. Peers
-on the same model, input and ROI: "full backward" (forward hook + tensor hook +
-``loss.backward(retain_graph=True)`` over all parameters, the pattern of
-pytorch-grad-cam, MONAI and M3d-CAM) and captum's ``LayerGradientXActivation`` when
-captum is installed (``pip install -c constraints.txt captum``).
+(>= 5 interleaved rounds), their ratio, and peak memory (VmHWM of a fresh process) of one
+forward and of one explanation. For the 2D volume the forward floor is the fastest of
+several slice chunkings (one batch of 64 large slices is slower than chunks: page faults),
+and the peers run in that same chunking. Peers on the same model, input and ROI: "full
+backward" (forward hook + tensor hook + ``loss.backward(retain_graph=True)`` over all
+parameters, the pattern of pytorch-grad-cam, MONAI and M3d-CAM) and captum's
+``LayerGradientXActivation`` when captum is installed (``pip install -c constraints.txt captum``).
+
+Runs under the same glibc allocator setting as the Slicer worker (``worker.launcher.FAST_ALLOCATOR``:
+large blocks are not handed back to the system after each tensor); ``--default-allocator``
+measures without it, where page faults roughly double CPU times at 128^3.
 
     python bench/bench_engine.py                 # CPU, all cases
     python bench/bench_engine.py --device cuda   # on a GPU
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -32,6 +39,7 @@ import torch
 
 from SegHiResCAMLib import explain_detailed
 from SegHiResCAMLib.models.unet import UNet
+from SegHiResCAMLib.worker.launcher import FAST_ALLOCATOR
 
 
 @dataclass(frozen=True)
@@ -73,25 +81,34 @@ def build(case: Case, device: torch.device):
     return model, image, roi
 
 
-def batches(case: Case, image: torch.Tensor) -> torch.Tensor:
-    """The model-input batch a plain forward pass over the whole image sees."""
-    return image.movedim(1, 0) if case.spatial_dims == 2 and image.ndim == 4 else image[None]
+def batches(case: Case, image: torch.Tensor, roi: torch.Tensor, chunk: int):
+    """(model input, ROI with a channel axis) chunks: slices of a volume for 2D, the volume for 3D."""
+    if case.spatial_dims == 3:
+        yield image[None], roi[None, None]
+        return
+    slices, rois = image.movedim(1, 0), roi[:, None]
+    for start in range(0, slices.shape[0], chunk):
+        yield slices[start:start + chunk], rois[start:start + chunk]
 
 
-def run_forward(model, case, image, roi):
+def run_forward(model, case, image, roi, chunk=64):
     with torch.inference_mode():
-        model(batches(case, image))
+        for x, _ in batches(case, image, roi, chunk):
+            model(x)
 
 
-def run_ours(model, case, image, roi):
+def run_ours(model, case, image, roi, chunk=None):
     explain_detailed(model, image, layer=case.layer, target_class=1, roi=roi, spatial_dims=case.spatial_dims,
                      methods=("seg-hires-grad-cam", "seg-grad-cam"), device=str(image.device))
 
 
-def run_full_backward(model, case, image, roi):
+def run_full_backward(model, case, image, roi, chunk=64):
+    for x, rois in batches(case, image, roi, chunk):
+        _full_backward_batch(model, case, x, rois)
+
+
+def _full_backward_batch(model, case, x, rois):
     """The common peer pattern: hooks, backward over all parameters, graph retained, numpy maps."""
-    x = batches(case, image)
-    rois = roi.movedim(0, 0)[:, None] if case.spatial_dims == 2 else roi[None, None]
     store = {}
     module = dict(model.named_modules())[case.layer]
 
@@ -118,19 +135,19 @@ def run_full_backward(model, case, image, roi):
             parameter.grad = None
 
 
-def run_captum(model, case, image, roi):
+def run_captum(model, case, image, roi, chunk=64):
     from captum.attr import LayerGradientXActivation
 
-    x = batches(case, image)
-    rois = roi[:, None] if case.spatial_dims == 2 else roi[None, None]
     module = dict(model.named_modules())[case.layer]
+    for x, rois in batches(case, image, roi, chunk):
 
-    def masked_sum(inputs):
-        return (model(inputs)[:, 1:2] * rois).flatten(1).sum(1)
+        def masked_sum(inputs, rois=rois):
+            return (model(inputs)[:, 1:2] * rois).flatten(1).sum(1)
 
-    attribution = LayerGradientXActivation(masked_sum, module).attribute(x)
-    maps = torch.relu(attribution.sum(1, keepdim=True))
-    torch.nn.functional.interpolate(maps, size=x.shape[2:], mode="bilinear" if case.spatial_dims == 2 else "trilinear")
+        attribution = LayerGradientXActivation(masked_sum, module).attribute(x)
+        maps = torch.relu(attribution.sum(1, keepdim=True))
+        torch.nn.functional.interpolate(maps, size=x.shape[2:],
+                                        mode="bilinear" if case.spatial_dims == 2 else "trilinear")
 
 
 RUNNERS = {"forward": run_forward, "ours": run_ours, "full-backward": run_full_backward, "captum": run_captum}
@@ -149,9 +166,19 @@ def timed(fn, *args) -> float:
     return time.perf_counter() - start
 
 
-def time_case(case: Case, device: torch.device, rounds: int, peers: list[str]) -> dict[str, float]:
+def fastest_chunk(case: Case, model, image, roi) -> int:
+    """Slices per inference forward that give the fastest whole-volume forward (1 for 3D)."""
+    if case.spatial_dims == 3:
+        return 1
+    run_forward(model, case, image, roi, 8)  # warm-up
+    times = {chunk: timed(run_forward, model, case, image, roi, chunk) for chunk in (4, 8, 16, 32, 64)}
+    return min(times, key=times.get)
+
+
+def time_case(case: Case, device: torch.device, rounds: int, peers: list[str]) -> tuple[dict[str, float], int]:
     model, image, roi = build(case, device)
-    args = (model, case, image, roi)
+    chunk = fastest_chunk(case, model, image, roi)
+    args = (model, case, image, roi, chunk)
     names = ["forward", "ours", *peers]
     for name in names:  # warm-up
         RUNNERS[name](*args)
@@ -159,32 +186,42 @@ def time_case(case: Case, device: torch.device, rounds: int, peers: list[str]) -
     for _ in range(rounds):  # interleaved, so slow bursts of a shared machine hit every runner
         for name in names:
             samples[name].append(timed(RUNNERS[name], *args))
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return {name: statistics.median(values) for name, values in samples.items()}, chunk
 
 
-def peak_memory(case: Case, device: torch.device, runner: str) -> float:
-    """MiB above the baseline that one call adds at its peak (fresh process on CPU)."""
+def peak_memory(case: Case, device: torch.device, runner: str, chunk: int) -> float:
+    """MiB above the baseline that one call adds at its peak (a fresh process on CPU)."""
     if device.type == "cuda":
         model, image, roi = build(case, device)
-        RUNNERS[runner](model, case, image, roi)
+        RUNNERS[runner](model, case, image, roi, chunk)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        RUNNERS[runner](model, case, image, roi)
+        RUNNERS[runner](model, case, image, roi, chunk)
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    command = [sys.executable, __file__, "--memory-probe", json.dumps(case.__dict__), runner]
+    command = [sys.executable, __file__, "--memory-probe", json.dumps(case.__dict__), runner, str(chunk)]
     return float(subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip())
 
 
-def memory_probe(case_json: str, runner: str) -> None:
+def high_water_mib() -> float:
+    """This process's peak resident memory. Not ru_maxrss: Linux carries that across exec
+    from the parent, which would hide the child's own peak."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
+
+
+def memory_probe(case_json: str, runner: str, chunk: str) -> None:
     data = json.loads(case_json)
     case = Case(**{**data, "shape": tuple(data["shape"])})
     model, image, roi = build(case, torch.device("cpu"))
     # No warm-up: a forward would already raise the process's peak; both runners pay the same start-up.
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    RUNNERS[runner](model, case, image, roi)
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+    base = high_water_mib()
+    RUNNERS[runner](model, case, image, roi, int(chunk))
+    print(high_water_mib() - base)
 
 
 def main() -> None:
@@ -193,8 +230,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-memory", action="store_true")
-    parser.add_argument("--memory-probe", nargs=2, metavar=("CASE", "RUNNER"))
+    parser.add_argument("--memory-probe", nargs=3, metavar=("CASE", "RUNNER", "CHUNK"))
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="keep glibc's default malloc settings (the worker's are used otherwise)")
     args = parser.parse_args()
+    if not args.default_allocator and not args.memory_probe and any(k not in os.environ for k in FAST_ALLOCATOR):
+        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], {**FAST_ALLOCATOR, **os.environ})
     if args.memory_probe:
         memory_probe(*args.memory_probe)
         return
@@ -206,25 +247,28 @@ def main() -> None:
         peers.append("captum")
     except ImportError:
         print("(captum not installed: pip install -c constraints.txt captum to compare with it)")
+    allocator = "default" if args.default_allocator else "worker's (large blocks kept)"
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"median of {args.rounds} interleaved rounds")
+          f"median of {args.rounds} interleaved rounds, malloc {allocator}")
     header = ["case", "forward s", "explain s", "explain/forward", *[f"{p}/forward" for p in peers],
               *[f"us/{p}" for p in peers]]
     if not args.no_memory:
-        header += ["fwd peak MiB", "explain peak MiB", "explain-fwd MiB"]
+        header += ["fwd +MiB", "explain +MiB", "explain/fwd memory"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     dense_forward = {}
     for case in cases(args.quick):
-        times = time_case(case, device, args.rounds, peers)
+        times, chunk = time_case(case, device, args.rounds, peers)
         if case.roi_slices is None:
             dense_forward[case.shape] = times["forward"]
+        if case.spatial_dims == 2:
+            print(f"({case.name}: forward floor and peers in chunks of {chunk} slices)", flush=True)
         forward = dense_forward.get(case.shape, times["forward"])
         row = [case.name, f"{forward:.3f}", f"{times['ours']:.3f}", f"{times['ours'] / forward:.2f}",
                *[f"{times[p] / forward:.2f}" for p in peers], *[f"{times['ours'] / times[p]:.2f}" for p in peers]]
         if not args.no_memory:
-            fwd_mib, ours_mib = peak_memory(case, device, "forward"), peak_memory(case, device, "ours")
-            row += [f"{fwd_mib:.0f}", f"{ours_mib:.0f}", f"{ours_mib - fwd_mib:+.0f}"]
+            fwd_mib, ours_mib = peak_memory(case, device, "forward", chunk), peak_memory(case, device, "ours", chunk)
+            row += [f"{fwd_mib:.0f}", f"{ours_mib:.0f}", f"{ours_mib / max(fwd_mib, 1):.2f}"]
         print("| " + " | ".join(row) + " |", flush=True)
 
 

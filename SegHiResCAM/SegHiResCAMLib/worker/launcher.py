@@ -44,6 +44,13 @@ LIBRARY_PARENT = Path(__file__).resolve().parents[2]
 STDERR_LINES_KEPT = 40
 
 
+# glibc's malloc gives every large tensor back to the system when it is freed, so the next
+# layer's tensor page-faults its memory in again; on CPU that doubled the time of a 128^3
+# forward pass and explanation (bench/bench_engine.py). Serving large blocks from the heap and
+# keeping them for the worker's short life avoids it. Other C libraries ignore these names.
+FAST_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(4 * 2**30), "MALLOC_TRIM_THRESHOLD_": str(16 * 2**30)}
+
+
 class WorkerProcess:
     """One run of ``python -m SegHiResCAMLib.worker request.json`` in its own temp folder.
 
@@ -126,6 +133,8 @@ class WorkerProcess:
         env["PYTHONPATH"] = os.pathsep.join(paths)
         env["PYTHONUNBUFFERED"] = "1"  # events must arrive as they happen, not at exit
         env["PYTHONIOENCODING"] = "utf-8"
+        for name, value in FAST_ALLOCATOR.items():
+            env.setdefault(name, value)
         env.update(self._extra_env)
         return env
 
