@@ -214,9 +214,23 @@ def high_water_mib() -> float:
     return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
 
 
+def case_from_json(text: str) -> Case:
+    data = json.loads(text)
+    return Case(**{**data, "shape": tuple(data["shape"])})
+
+
+def time_case_in_fresh_process(case: Case, device: torch.device, rounds: int) -> tuple[dict[str, float], int]:
+    """time_case in a process of its own: allocator state and heap growth of one case's runners
+    (the peers retain whole graphs) must not leak into the next case."""
+    command = [sys.executable, __file__, "--time-case", json.dumps(case.__dict__), "--device", str(device),
+               "--rounds", str(rounds)]
+    lines = subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()
+    times, chunk = json.loads(lines[-1])
+    return times, chunk
+
+
 def memory_probe(case_json: str, runner: str, chunk: str) -> None:
-    data = json.loads(case_json)
-    case = Case(**{**data, "shape": tuple(data["shape"])})
+    case = case_from_json(case_json)
     model, image, roi = build(case, torch.device("cpu"))
     # No warm-up: a forward would already raise the process's peak; both runners pay the same start-up.
     base = high_water_mib()
@@ -231,6 +245,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--memory-probe", nargs=3, metavar=("CASE", "RUNNER", "CHUNK"))
+    parser.add_argument("--time-case", metavar="CASE", help=argparse.SUPPRESS)
     parser.add_argument("--default-allocator", action="store_true",
                         help="keep glibc's default malloc settings (the worker's are used otherwise)")
     args = parser.parse_args()
@@ -247,6 +262,9 @@ def main() -> None:
         peers.append("captum")
     except ImportError:
         print("(captum not installed: pip install -c constraints.txt captum to compare with it)")
+    if args.time_case:
+        print(json.dumps(time_case(case_from_json(args.time_case), device, args.rounds, peers)))
+        return
     allocator = "default" if args.default_allocator else "worker's (large blocks kept)"
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"median of {args.rounds} interleaved rounds, malloc {allocator}")
@@ -258,7 +276,7 @@ def main() -> None:
     print("|" + "---|" * len(header))
     dense_forward = {}
     for case in cases(args.quick):
-        times, chunk = time_case(case, device, args.rounds, peers)
+        times, chunk = time_case_in_fresh_process(case, device, args.rounds)
         if case.roi_slices is None:
             dense_forward[case.shape] = times["forward"]
         if case.spatial_dims == 2:
