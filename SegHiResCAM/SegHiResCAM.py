@@ -113,7 +113,8 @@ class ComputeDevice(enum.Enum):
 
 
 class SliceAxis(enum.Enum):
-    """For 2D models: the volume array axis (K, J, I) the model is applied along."""
+    """For 2D models: the axis of the model's input grid the model is applied along; the
+    volume's K, J, I unless the model card reorients or transposes the image."""
 
     MODEL_CARD = "card"
     K = "0"
@@ -541,8 +542,8 @@ class SegHiResCAMLogic(ScriptedLoadableModuleLogic):
             for info in self.listLayers(modelPath)
             if info.output_shape  # containers and unused modules have no output to explain
         }
-        first = [name for name in recommended if name in described]
-        return [(name, described[name] + ("  ★" if name in first else "")) for name in first] + [
+        first = [name for name in recommended if name in described]  # the card's picks, starred, first
+        return [(name, described[name] + "  ★") for name in first] + [
             (name, text) for name, text in described.items() if name not in first
         ]
 
@@ -558,10 +559,7 @@ class SegHiResCAMLogic(ScriptedLoadableModuleLogic):
         from SegHiResCAMLib import list_layers, load_model
 
         loaded = load_model(modelPath)
-        card = loaded.card
-        step = max(int(card.divisible_by), 1)
-        size = step * max(1, -(-32 // step))  # at least 32 voxels, a multiple of what the model needs
-        return list_layers(loaded.module, (1, card.in_channels) + (size,) * card.spatial_dims)
+        return list_layers(loaded.module, loaded.card.example_shape(32))
 
     def process(
         self,
@@ -581,6 +579,8 @@ class SegHiResCAMLogic(ScriptedLoadableModuleLogic):
         waitForCompletion: bool = True,
         progressCallback=None,
         trustCode: bool = False,
+        target: str = "logits",
+        threshold: float = 0.5,
     ):
         """Compute the CAM of a segment's prediction and show it as a heatmap volume.
 
@@ -598,6 +598,9 @@ class SegHiResCAMLogic(ScriptedLoadableModuleLogic):
         :param waitForCompletion: True blocks and returns the heatmap node; False returns the
             running ``ExplainJob`` (call ``poll()`` from a timer, ``cancel()`` to stop).
         :param progressCallback: called with (fraction, message).
+        :param target: "logits" (the sum of the class logits over the region) or
+            "probability-threshold" (the sum of the class probabilities above ``threshold``).
+        :param threshold: the probability threshold of the "probability-threshold" target.
         :param trustCode: let the model's own code run (a ``.py`` builder, a MONAI bundle with
             expressions); see ``modelCodeToTrust``.
         :raises SegHiResCAMError: with the worker's one-line message when the run fails.
@@ -615,6 +618,8 @@ class SegHiResCAMLogic(ScriptedLoadableModuleLogic):
             lower_threshold=float(lowerThreshold),
             show_3d=bool(showIn3D),
             trust_code=bool(trustCode),
+            target=str(target),
+            threshold=float(threshold),
         )
         job = ExplainJob(
             slicer.mrmlScene,

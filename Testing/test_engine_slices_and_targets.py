@@ -199,3 +199,32 @@ def test_multilabel_models_explain_where_the_class_sigmoid_exceeds_one_half():
     argmax = explain(model, image, **options)
     np.testing.assert_array_equal(implicit, explicit)
     assert not np.array_equal(implicit, argmax)
+
+
+def test_models_that_output_probabilities_are_explained_without_squashing_them_again():
+    logits_model = unet(2, classes=3, dtype=torch.float64)
+    softmax_model = torch.nn.Sequential(logits_model, torch.nn.Softmax(dim=1)).eval()
+    image = np.random.default_rng(10).normal(size=(1, 16, 16))
+    with torch.no_grad():
+        t = softmax_model(torch.from_numpy(image)[None])[:, 1].median().item()  # half the pixels above
+    options = dict(target_class=1, target="probability-threshold", threshold=t, normalize=False, relu=False,
+                   device="cpu")
+    from_logits = explain(logits_model, image, layer="decoder.1", **options)
+    from_probabilities = explain(softmax_model, image, layer="0.decoder.1", probabilities=True, **options)
+    assert np.abs(from_logits).max() > 0
+    np.testing.assert_allclose(from_probabilities, from_logits, atol=1e-10)
+    # the predicted region of a probability output is its argmax, exactly as for the logits
+    implicit = explain(softmax_model, image, layer="0.decoder.1", target_class=1, probabilities=True,
+                       normalize=False, device="cpu")
+    with torch.no_grad():
+        region = (logits_model(torch.from_numpy(image)[None]).argmax(1)[0] == 1).numpy()
+    explicit = explain(softmax_model, image, layer="0.decoder.1", target_class=1, roi=region, normalize=False,
+                       device="cpu")
+    np.testing.assert_array_equal(implicit, explicit)
+
+
+def test_threshold_target_says_when_no_voxel_passes_the_threshold():
+    model = unet(2, classes=3)
+    with pytest.warns(RuntimeWarning, match="no voxel inside the region has a class-1 probability above 0.999"):
+        explain(model, np.zeros((1, 16, 16), np.float32), layer="bottleneck", target_class=1,
+                roi=np.ones((16, 16), bool), target="probability-threshold", threshold=0.999, device="cpu")

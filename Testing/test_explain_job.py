@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-import slicer
 
 from mrml_helpers import add_segment, add_segmentation, add_volume
 from SegHiResCAMLib.errors import CancelledError, InputError, LayerError, SegHiResCAMError

@@ -111,3 +111,17 @@ def test_monai_unet_scripted_captures_nested_sequential_layers(tmp_path):
     torch.testing.assert_close(output, reference, rtol=0, atol=1e-6)
     for got, want in zip(acts, ref_acts):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_a_scripted_model_with_frozen_parameters_is_explained_like_the_eager_one(tmp_path, how):
+    eager = scriptable_unet(3)
+    for parameter in eager.parameters():
+        parameter.requires_grad_(False)
+    loaded = load_model(_export(eager, 3, how, tmp_path))
+    assert not any(p.requires_grad for p in loaded.module.parameters())
+    image = blob_image(SHAPES[3], seed=4)
+    expected = explain(eager, image, layer="mid", target_class=1, device="cpu")
+    got = explain(loaded.module, image, layer="mid", target_class=1, device="cpu")
+    assert expected.max() > 0
+    np.testing.assert_allclose(got, expected, atol=1e-5)

@@ -154,7 +154,8 @@ def test_normalisation_is_over_the_whole_volume_and_zero_stays_zero():
 
 
 def test_slice_axis_chosen_by_the_user_overrides_the_model_cards(tiny2d):
-    image = volume()
+    image = volume((15, 14, 13))  # odd sizes: the new in-plane axes must be padded for the U-Net
+    assert tiny2d.card.divisible_by == 2 and tiny2d.card.slice_axis == 0
     roi = np.zeros(image.spatial_shape, bool)
     roi[4:12, 4:12, 6:9] = True  # present on every K slice, on only three I slices
     maps, _ = explain_volume(tiny2d, image, target_class=1, roi=roi, layer="decoder.0", slice_axis=2)

@@ -19,7 +19,7 @@ from .errors import InputError, SegHiResCAMError
 from .worker.main import one_line
 
 PROG = "seghirescam"
-DEVICES = ("auto", "cpu", "cuda")
+from .worker.protocol import DEVICES
 
 
 class ProgressBar:
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--target", default="logits", metavar="T",
                          help="what is explained: logits (default) or probability-threshold")
     explain.add_argument("--threshold", type=float, default=0.5,
-                         help="probability threshold of the probability-threshold target and of the predicted ROI (default: 0.5)")
+                         help="probability threshold of the probability-threshold target (default: 0.5)")
     explain.add_argument("--out", required=True, metavar="PATH", help="heatmap file to write (.nrrd, .nii.gz)")
     explain.add_argument("--png", metavar="PATH", help="also write an axial slice with the heatmap over the image")
     _add_device(explain)
@@ -208,9 +208,7 @@ def run_layers(args: argparse.Namespace) -> int:
     card = loaded.card
     if args.size < 1:
         raise InputError(f"--size must be a positive number of voxels, got {args.size}")
-    step = max(int(card.divisible_by), 1)
-    size = -(-args.size // step) * step
-    shape = (1, card.in_channels, *([size] * card.spatial_dims))
+    shape = card.example_shape(args.size)
     infos = list_layers(loaded.module, shape)
     default = card.default_layer
     _print(f"# {card.name}: {card.spatial_dims}D, classes {', '.join(f'{i}={n}' for i, n in enumerate(card.class_names))}")

@@ -69,25 +69,27 @@ def render_overlays(
     from .mrml.volumes import update_node_from_volume
 
     scene = new_scene(view_3d=False)
-    image_node = slicer.vtkMRMLScalarVolumeNode()
-    image_node.SetName("image")
-    scene.AddNode(image_node)
-    update_node_from_volume(image_node, Volume(np.asarray(image.array, np.float32), image.ijk_to_ras))
-    image_node.CreateDefaultDisplayNodes()
-    # A fixed, robust window (1st..99th percentile), as Slicer's auto window/level would choose.
-    low, high = np.percentile(image.array, [1.0, 99.0])
-    display = image_node.GetDisplayNode()
-    display.AutoWindowLevelOff()
-    display.SetWindowLevelMinMax(float(low), float(high) if high > low else float(low) + 1.0)
-    heat_node = show_heatmap(scene, np.asarray(heatmap.array, np.float32), image_node, show_3d=False)
-    written: list[Path] = []
-    for orientation in orientations:
-        if single_path is not None and len(orientations) == 1:
-            path = Path(single_path)
-        else:
-            path = Path(f"{stem}_{orientation}.png")
-        render_slice_png(scene, image_node, heat_node, path, orientation=orientation.capitalize(),
-                         offset_ras=None if point_ras is None else [float(v) for v in point_ras])
-        written.append(path)
-    scene.Clear(1)
+    try:
+        image_node = slicer.vtkMRMLScalarVolumeNode()
+        image_node.SetName("image")
+        scene.AddNode(image_node)
+        update_node_from_volume(image_node, Volume(np.asarray(image.array, np.float32), image.ijk_to_ras))
+        image_node.CreateDefaultDisplayNodes()
+        # A fixed, robust window (1st..99th percentile), as Slicer's auto window/level would choose.
+        low, high = np.percentile(image.array, [1.0, 99.0])
+        display = image_node.GetDisplayNode()
+        display.AutoWindowLevelOff()
+        display.SetWindowLevelMinMax(float(low), float(high) if high > low else float(low) + 1.0)
+        heat_node = show_heatmap(scene, np.asarray(heatmap.array, np.float32), image_node, show_3d=False)
+        written: list[Path] = []
+        for orientation in orientations:
+            if single_path is not None and len(orientations) == 1:
+                path = Path(single_path)
+            else:
+                path = Path(f"{stem}_{orientation}.png")
+            render_slice_png(scene, image_node, heat_node, path, orientation=orientation.capitalize(),
+                             offset_ras=None if point_ras is None else [float(v) for v in point_ras])
+            written.append(path)
+    finally:
+        scene.Clear(1)
     return written, None

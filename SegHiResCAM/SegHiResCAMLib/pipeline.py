@@ -8,6 +8,7 @@ volume, so that a heatmap can be written with, or shown over, the exact geometry
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -100,6 +101,9 @@ def explain_volume(
     from .models.preprocess import prepare_input
 
     card = loaded.card
+    if slice_axis is not None and int(slice_axis) != card.slice_axis:
+        # The slice axis also decides which axis preprocessing leaves unpadded.
+        card = dataclasses.replace(card, slice_axis=int(slice_axis))
     class_index = resolve_class(target_class, card.class_names)
     chosen = layer if layer is not None else card.default_layer
     if chosen is None or (not isinstance(chosen, str) and len(chosen) == 0):
@@ -134,9 +138,10 @@ def explain_volume(
         target=target,
         threshold=threshold,
         spatial_dims=card.spatial_dims,
-        slice_axis=card.slice_axis if slice_axis is None else int(slice_axis),
+        slice_axis=card.slice_axis,
         normalize=True,
         multilabel=card.multilabel,
+        probabilities=card.outputs == "probabilities",
         device=device,
         progress=scaled_progress(progress, _PREPARE_SHARE, 1.0 - _PREPARE_SHARE - _RESTORE_SHARE),
     )

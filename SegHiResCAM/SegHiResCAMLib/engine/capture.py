@@ -87,8 +87,10 @@ def forward_with_activations(
     Models that cannot take hooks (TorchScript adapters) provide ``forward_capturing``.
     """
     if hasattr(model, "forward_capturing"):
+        # Without hooks the graph cannot be cut at the layer: record it from the input, so the
+        # activations reach the output differentiably even when every parameter is frozen.
         with torch.enable_grad():
-            output, activations = model.forward_capturing(inputs, list(layers))
+            output, activations = model.forward_capturing(inputs.detach().requires_grad_(), list(layers))
         return _as_output_tensor(output), list(activations)
 
     modules = dict(model.named_modules())

@@ -70,6 +70,7 @@ def explain(
     normalize: bool = True,
     relu: bool = True,
     multilabel: bool = False,
+    probabilities: bool = False,
     device: str = "auto",
 ) -> np.ndarray:
     r"""Class activation map of ``target_class`` over ``roi`` for one image.
@@ -98,6 +99,8 @@ def explain(
             signed map, for analysis.
         multilabel: the classes are independent (one sigmoid per channel, e.g. nnU-Net
             region-based models): the predicted region is sigmoid > 0.5 instead of argmax.
+        probabilities: the model outputs probabilities (its last layer is a softmax or
+            sigmoid), not logits: they are used as they are.
         device: "auto" (CUDA if available), "cpu" or "cuda".
 
     Returns:
@@ -110,7 +113,7 @@ def explain(
     result = explain_detailed(
         model, image, layer=layer, target_class=target_class, roi=roi, methods=(method,), target=target,
         threshold=threshold, spatial_dims=spatial_dims, slice_axis=slice_axis, normalize=normalize, relu=relu,
-        multilabel=multilabel, device=device,
+        multilabel=multilabel, probabilities=probabilities, device=device,
     )
     for message in result.warnings:
         _warnings.warn(message, RuntimeWarning, stacklevel=2)
@@ -132,6 +135,7 @@ def explain_detailed(
     normalize: bool = True,
     relu: bool = True,
     multilabel: bool = False,
+    probabilities: bool = False,
     device: str = "auto",
     progress: ProgressCallback | None = None,
     batch_size: int | None = None,
@@ -158,6 +162,11 @@ def explain_detailed(
 
     gradient_methods = [m for m in methods if m in METHODS]
     ablation = KERNEL_WEIGHTED in methods
+    if ablation and (target != "logits" or not relu):
+        raise InputError(
+            "Kernel-Weighted Contribution weighs channels by the class probability inside the region and "
+            "keeps positive evidence only; use it with the logits target and relu=True"
+        )
     # KWC costs about 2K forward passes against the gradient methods' one: most of the bar is its.
     gradient_share = 0.1 if ablation else 1.0
     result: dict[str, np.ndarray] = {}
@@ -165,7 +174,7 @@ def explain_detailed(
     resolved, roi_voxels = resolve_device(device), 0
     if gradient_methods:
         job = _Job(model, layers, int(target_class), gradient_methods, target, float(threshold), relu, multilabel,
-                   scaled_progress(progress, 0.0, gradient_share))
+                   probabilities, scaled_progress(progress, 0.0, gradient_share))
         result, resolved, roi_voxels, notes = job.maps(image, roi, spatial_dims, slice_axis, normalize, resolved,
                                                        batch_size)
     if ablation:
@@ -177,7 +186,7 @@ def explain_detailed(
                 slice_axis=slice_axis, normalize=normalize or len(layers) > 1, device=device,
                 progress=scaled_progress(progress, gradient_share + (1 - gradient_share) * i / len(layers),
                                          (1 - gradient_share) / len(layers)),
-                multilabel=multilabel,
+                multilabel=multilabel, probabilities=probabilities,
             )
             for i, name in enumerate(layers)
         ]
@@ -265,10 +274,11 @@ def _arrange(image: torch.Tensor, roi, spatial_dims: int | None, slice_axis: int
 class _Job:
     """One explanation over a stack of samples, batch by batch."""
 
-    def __init__(self, model, layers, class_index, methods, target, threshold, relu, multilabel, progress) -> None:
+    def __init__(self, model, layers, class_index, methods, target, threshold, relu, multilabel, probabilities,
+                 progress) -> None:
         self.model, self.layers, self.class_index = model, layers, class_index
         self.methods, self.target, self.threshold = methods, target, threshold
-        self.relu, self.multilabel, self.progress = relu, multilabel, progress
+        self.relu, self.multilabel, self.probabilities, self.progress = relu, multilabel, probabilities, progress
 
     def maps(self, image, roi, spatial_dims, slice_axis, normalize, device, batch_size):
         """Every method's map on the image grid, the device that ran, ROI voxels and notes."""
@@ -281,11 +291,13 @@ class _Job:
             device = torch.device("cpu")
             maps, roi_voxels = self.run(samples, roi_t, device, batch_size)
         if roi_voxels == 0:
-            notes.append(
-                "the region to explain is empty inside the image"
-                if roi is not None
-                else f"the model predicts no voxel of class {self.class_index} in this image"
-            )
+            if self.target == "probability-threshold":
+                where = "inside the region" if roi is not None else "in this image"
+                notes.append(f"no voxel {where} has a class-{self.class_index} probability above {self.threshold}")
+            elif roi is not None:
+                notes.append("the region to explain is empty inside the image")
+            else:
+                notes.append(f"the model predicts no voxel of class {self.class_index} in this image")
             notes[-1] += ", so the heatmap is all zeros; choose a region or class that is present"
         result = {}
         for method in self.methods:
@@ -347,7 +359,8 @@ class _Job:
         output = segmentation_output(output, batch, self.class_index)
         roi_out = None if roi is None else roi_on_output_grid(roi, tuple(output.shape[2:]))
         scores, used = per_sample_scores(output, self.class_index, roi_out, target=self.target,
-                                         threshold=self.threshold, multilabel=self.multilabel)
+                                         threshold=self.threshold, multilabel=self.multilabel,
+                                         probabilities=self.probabilities)
         voxels = int(used.ne(0).sum())
         gradients = torch.autograd.grad(scores.sum(), activations, allow_unused=True)
         del output, scores

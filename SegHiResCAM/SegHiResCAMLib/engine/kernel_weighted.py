@@ -47,7 +47,7 @@ def kernel_weighted_contribution(model: nn.Module, image, *, layer: str, target_
                                  spatial_dims: int | None = None, slice_axis: int = 0, normalize: bool = True,
                                  device: str = "auto", batch_size: int | None = None,
                                  progress: Callable[[float, str], None] | None = None,
-                                 multilabel: bool = False) -> np.ndarray:
+                                 multilabel: bool = False, probabilities: bool = False) -> np.ndarray:
     """KWC map of ``target_class`` over ``roi`` at ``layer``: float32 array of shape ``image.shape[1:]``.
 
     Channels are removed by zeroing them (the deterministic 2023 variant, no random kernels);
@@ -61,7 +61,8 @@ def kernel_weighted_contribution(model: nn.Module, image, *, layer: str, target_
     """
     result = kernel_weighted_detailed(model, image, layer=layer, target_class=target_class, roi=roi,
                                       spatial_dims=spatial_dims, slice_axis=slice_axis, normalize=normalize,
-                                      device=device, batch_size=batch_size, progress=progress, multilabel=multilabel)
+                                      device=device, batch_size=batch_size, progress=progress, multilabel=multilabel,
+                                      probabilities=probabilities)
     for message in result.warnings:
         _warnings.warn(message, RuntimeWarning, stacklevel=2)
     return result.heatmap
@@ -71,7 +72,7 @@ def kernel_weighted_detailed(model: nn.Module, image, *, layer: str, target_clas
                              spatial_dims: int | None = None, slice_axis: int = 0, normalize: bool = True,
                              device: str = "auto", batch_size: int | None = None,
                              progress: Callable[[float, str], None] | None = None,
-                             multilabel: bool = False) -> KernelWeights:
+                             multilabel: bool = False, probabilities: bool = False) -> KernelWeights:
     """Like :func:`kernel_weighted_contribution`, returning the weights, D_k, I_k and S too."""
     started = time.perf_counter()
     if hasattr(model, "forward_capturing"):
@@ -89,7 +90,7 @@ def kernel_weighted_detailed(model: nn.Module, image, *, layer: str, target_clas
         def reference(index: torch.Tensor) -> None:
             output = segmentation_output(model(samples[index].to(run_device)), samples, target_class)
             given = None if roi_t is None else roi_t[index].to(run_device)
-            kept_prediction, roi_weights = roi_prediction(output, target_class, given, multilabel)
+            kept_prediction, roi_weights = roi_prediction(output, target_class, given, multilabel, probabilities)
             if not found:
                 found["P"] = torch.zeros((count, *output.shape[2:]), dtype=torch.float64, device=run_device)
                 found["m"] = torch.zeros_like(found["P"])
@@ -122,9 +123,9 @@ def kernel_weighted_detailed(model: nn.Module, image, *, layer: str, target_clas
             output = segmentation_output(model(samples[torch.cat([which, distinct])].to(run_device)), samples, target_class)
             gate.masks = None
             regions = masks[torch.cat([which, distinct])]
-            probabilities, _ = roi_prediction(output, target_class, regions, multilabel)
-            original = probabilities[len(index):][position.to(run_device)]
-            kept_voxels = torch.minimum(probabilities[: len(index)], original)
+            predicted, _ = roi_prediction(output, target_class, regions, multilabel, probabilities)
+            original = predicted[len(index):][position.to(run_device)]
+            kept_voxels = torch.minimum(predicted[: len(index)], original)
             kept_part, lost_part = kept_voxels.flatten(1).sum(1), (original - kept_voxels).flatten(1).sum(1)
             rows = rows.to(run_device)
             sums.index_add_(0, rows, torch.where(rows < channels, lost_part, kept_part))

@@ -12,17 +12,21 @@ import torch.nn.functional as F
 TARGETS = ("logits", "probability-threshold")
 
 
-def class_probabilities(output: torch.Tensor, multilabel: bool = False) -> torch.Tensor:
-    """Softmax over classes; the sigmoid per channel for one channel or independent classes."""
+def class_probabilities(output: torch.Tensor, multilabel: bool = False, probabilities: bool = False) -> torch.Tensor:
+    """Softmax over classes; the sigmoid per channel for one channel or independent classes;
+    the output itself when the model already outputs probabilities."""
+    if probabilities:
+        return output
     return torch.sigmoid(output) if multilabel or output.shape[1] == 1 else torch.softmax(output, dim=1)
 
 
-def predicted_roi(output: torch.Tensor, class_index: int, multilabel: bool = False) -> torch.Tensor:
-    """The model's own prediction for a class: argmax == c; logit > 0 (sigmoid > 0.5) for one
-    channel or independent classes."""
+def predicted_roi(output: torch.Tensor, class_index: int, multilabel: bool = False,
+                  probabilities: bool = False) -> torch.Tensor:
+    """The model's own prediction for a class: argmax == c; for one channel or independent
+    classes, logit > 0 (probability > 0.5 when the model outputs probabilities)."""
     with torch.no_grad():
         if multilabel or output.shape[1] == 1:
-            return output[:, class_index] > 0
+            return output[:, class_index] > (0.5 if probabilities else 0.0)
         return output.argmax(dim=1) == class_index
 
 
@@ -34,6 +38,7 @@ def per_sample_scores(
     target: str = "logits",
     threshold: float = 0.5,
     multilabel: bool = False,
+    probabilities: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Target scores per sample and the ROI actually used.
 
@@ -45,18 +50,20 @@ def per_sample_scores(
         target: "logits": ``y = sum_p m(p) z_c(p)``; "probability-threshold" (EIECS 2021):
             ``y = sum_p m(p) s_c(p) [s_c(p) > t]``.
         multilabel: classes are independent (sigmoid per channel), see ``predicted_roi``.
+        probabilities: the model outputs probabilities, not logits: "logits" then sums the
+            class probabilities, and nothing is squashed again.
 
     Returns:
         ``(scores (B,), roi (B, *spatial) float)``.
     """
     if target == "logits":
-        weights = predicted_roi(output, class_index, multilabel) if roi is None else roi
+        weights = predicted_roi(output, class_index, multilabel, probabilities) if roi is None else roi
         weights = weights.to(output.dtype).detach()
         return (output[:, class_index] * weights).flatten(1).sum(1), weights
-    probabilities = class_probabilities(output, multilabel)[:, class_index]
-    above = (probabilities > threshold).detach()
+    scores = class_probabilities(output, multilabel, probabilities)[:, class_index]
+    above = (scores > threshold).detach()
     weights = above.to(output.dtype) if roi is None else roi.to(output.dtype).detach() * above
-    return (probabilities * weights).flatten(1).sum(1), weights
+    return (scores * weights).flatten(1).sum(1), weights
 
 
 def roi_on_output_grid(roi: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:

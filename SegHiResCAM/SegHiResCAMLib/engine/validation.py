@@ -38,11 +38,11 @@ class MaskingScores:
 
 def masking_scores(model: nn.Module, image, heatmap, *, target_class: int, roi=None, threshold: float | None = None,
                    baseline: float = 0.0, spatial_dims: int | None = None, slice_axis: int = 0,
-                   device: str = "auto", multilabel: bool = False) -> MaskingScores:
+                   device: str = "auto", multilabel: bool = False, probabilities: bool = False) -> MaskingScores:
     """Score a heatmap by masking the image with it and predicting again.
 
     Args:
-        model, image, target_class, roi, spatial_dims, slice_axis, device, multilabel: as in
+        model, image, target_class, roi, spatial_dims, slice_axis, device, multilabel, probabilities: as in
             :func:`engine.explain.explain` (roi None = the model's own prediction on ``image``).
         heatmap: array of the image's spatial shape with values in [0, 1] (a normalised map).
         threshold: None multiplies the image by the map; a number keeps the voxels whose map
@@ -70,8 +70,8 @@ def masking_scores(model: nn.Module, image, heatmap, *, target_class: int, roi=N
             batch = torch.cat([samples[index], masked_samples[index]]).to(run_device)
             output = segmentation_output(model(batch), batch, target_class)
             given = None if roi_t is None else roi_t[index].to(run_device)
-            original, weights = roi_prediction(output[: len(index)], target_class, given, multilabel)
-            changed, _ = roi_prediction(output[len(index):], target_class, weights, multilabel)
+            original, weights = roi_prediction(output[: len(index)], target_class, given, multilabel, probabilities)
+            changed, _ = roi_prediction(output[len(index):], target_class, weights, multilabel, probabilities)
             sums[0] += original.sum().cpu()
             sums[1] += torch.minimum(changed, original).sum().cpu()
 
@@ -106,11 +106,12 @@ def _kept_fraction(heatmap, spatial: tuple[int, ...], threshold: float | None) -
 
 
 def roi_prediction(output: torch.Tensor, class_index: int, roi: torch.Tensor | None,
-                   multilabel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                   multilabel: bool = False, probabilities: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(P, m)`` in float64: ``P = m * s_c`` with ``m`` the ROI on the output grid, or the prediction."""
     if roi is None:
-        roi = predicted_roi(output, class_index, multilabel)
+        roi = predicted_roi(output, class_index, multilabel, probabilities)
     else:
         roi = roi_on_output_grid(roi, tuple(output.shape[2:]))
     weights = roi.to(torch.float64)
-    return class_probabilities(output, multilabel)[:, class_index].to(torch.float64) * weights, weights
+    scores = class_probabilities(output, multilabel, probabilities)[:, class_index].to(torch.float64)
+    return scores * weights, weights

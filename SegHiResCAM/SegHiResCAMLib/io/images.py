@@ -8,6 +8,7 @@ has the origin, spacing and direction of the volume it was computed on.
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -163,10 +164,15 @@ def write_image(volume: Volume, path: str | Path, *, compress: bool = True) -> P
     image = _itk_from_volume(volume, array)
     if target.parent and not target.parent.exists():
         raise InputError(f"cannot write {target}: the folder {target.parent} does not exist")
+    # Write beside the target, then rename: an interrupted run never leaves a partial heatmap.
+    partial = target.with_name(f".{target.name}.partial{''.join(target.suffixes)}")
     try:
-        sitk.WriteImage(image, str(target), useCompression=compress)
+        sitk.WriteImage(image, str(partial), useCompression=compress)
+        os.replace(partial, target)
     except RuntimeError as error:
         raise InputError(f"cannot write {target} ({_itk_reason(error)}); use a .nrrd or .nii.gz file name") from error
+    finally:
+        partial.unlink(missing_ok=True)
     return target
 
 

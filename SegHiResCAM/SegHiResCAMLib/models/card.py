@@ -40,7 +40,8 @@ class ModelCard:
         outputs: "logits" or "probabilities".
         multilabel: the classes are independent (one sigmoid per output channel, e.g. nnU-Net
             region-based models): a class's predicted region is sigmoid > 0.5, not argmax.
-        slice_axis: for 2D models, the array axis (of K, J, I) to slice along.
+        slice_axis: for 2D models, the axis of the model's input grid to slice along (the
+            volume's K, J, I axes unless ``orientation`` or ``transpose`` change them).
         divisible_by: the input's spatial sizes must be multiples of this (zero padding is added
             at the end of each axis, except the slice axis of a 2D model).
         transpose: order of the volume's array axes (0 = K, 1 = J, 2 = I) in the model's input,
@@ -96,6 +97,13 @@ class ModelCard:
             if len(code) != 3 or axes != [0, 1, 2]:
                 raise ModelError(f"model card: orientation must be a code like 'RAS' or 'LPS', got {self.orientation!r}")
             object.__setattr__(self, "orientation", code)
+
+    def example_shape(self, size: int) -> tuple[int, ...]:
+        """A model input ``(1, channels, *spatial)`` of at least ``size`` voxels per axis that the
+        model accepts (rounded up to ``divisible_by``), for probing layer shapes."""
+        step = max(int(self.divisible_by), 1)
+        edge = -(-max(int(size), 1) // step) * step
+        return (1, self.in_channels, *([edge] * self.spatial_dims))
 
     @property
     def default_layer(self) -> str | None:

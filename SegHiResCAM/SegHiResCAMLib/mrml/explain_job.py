@@ -24,13 +24,12 @@ import numpy as np
 from .. import errors
 from ..errors import CancelledError, InputError, SegHiResCAMError
 from ..worker.launcher import WorkerProcess
-from ..worker.protocol import Request
+from ..worker.protocol import DEVICES, Request
 
 logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[float, str], None]
 
-DEVICES = ("auto", "cuda", "cpu")
 
 
 @dataclass(frozen=True)
@@ -44,7 +43,8 @@ class ExplainOptions:
         target: "logits" (default) or "probability-threshold".
         threshold: probability threshold of the "probability-threshold" target.
         device: "auto", "cuda" or "cpu".
-        slice_axis: for 2D models, the array axis (0 = K, 1 = J, 2 = I) to slice along;
+        slice_axis: for 2D models, the axis of the model's input grid to slice along (the
+            volume's 0 = K, 1 = J, 2 = I unless the model card reorients or transposes);
             None = the model card's.
         opacity: heatmap opacity in the slice views (0-1).
         lower_threshold: heatmap values below this (0-1) are transparent.
@@ -222,15 +222,14 @@ class ExplainJob:
     def _check_inputs(self) -> None:
         if self.input_volume_node is None or self.input_volume_node.GetImageData() is None:
             raise InputError("select an input volume that has image data")
-        if not self.model_path.is_file():
-            raise InputError(f"the model file {self.model_path} does not exist; select a model file")
+        if not self.model_path.exists():  # a file, or a folder (MONAI bundle, nnU-Net results)
+            raise InputError(f"the model {self.model_path} does not exist; select a model file or folder")
         if self.segmentation_node is not None:
-            segmentation = self.segmentation_node.GetSegmentation()
-            if not self.segment_id or segmentation.GetSegment(self.segment_id) is None:
-                raise InputError(
-                    f"segment {self.segment_id!r} is not in segmentation '{self.segmentation_node.GetName()}'; "
-                    "select a segment to explain"
-                )
+            from .segments import find_segment_id
+
+            if not self.segment_id:
+                raise InputError(f"select a segment of '{self.segmentation_node.GetName()}' to explain")
+            self.segment_id = find_segment_id(self.segmentation_node, self.segment_id)  # an ID or a name
 
     def _write_inputs(self, worker: WorkerProcess) -> Request:
         from .segments import segment_mask

@@ -24,10 +24,12 @@ Exit status: 0 after a result, 1 after an error event, 2 for an unusable request
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, TextIO
 
 from ..errors import InputError
+
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,6 @@ class Request:
     target: str = "logits"
     threshold: float = 0.5
     device: str = "auto"
-    extra: dict[str, Any] = field(default_factory=dict)
     trust_code: bool = False
     slice_axis: int | None = None
 
