@@ -13,7 +13,9 @@ backward" (forward hook + tensor hook + ``loss.backward(retain_graph=True)`` ove
 parameters, the pattern of pytorch-grad-cam, MONAI and M3d-CAM) and captum's
 ``LayerGradientXActivation`` when captum is installed (``pip install -c constraints.txt captum``).
 
-Runs under the same glibc allocator setting as the Slicer worker (``worker.launcher.FAST_ALLOCATOR``:
+Each runner is timed in a fresh process, interleaved with its own forward passes (ratios are
+taken against that forward), so one runner's heap cannot slow another's. Runs under the same
+glibc allocator setting as the Slicer worker (``worker.launcher.FAST_ALLOCATOR``:
 large blocks are not handed back to the system after each tensor); ``--default-allocator``
 measures without it, where page faults roughly double CPU times at 128^3.
 
@@ -72,9 +74,11 @@ def build(case: Case, device: torch.device):
     image = torch.from_numpy(np.random.default_rng(0).random(case.shape, dtype=np.float32)).to(device)
     spatial = case.shape[1:]
     roi = torch.zeros(spatial, dtype=torch.bool, device=device)
-    if case.roi_slices is None:
+    if case.roi_slices is None and case.spatial_dims == 3:
         box = tuple(slice(s // 4, s // 4 + s // 2) for s in spatial)  # an eighth of the volume
         roi[box] = True
+    elif case.roi_slices is None:  # dense 2D: a region on every slice
+        roi[:, spatial[1] // 4: 3 * spatial[1] // 4, spatial[2] // 4: 3 * spatial[2] // 4] = True
     else:
         picks = np.linspace(spatial[0] // 8, spatial[0] - 1 - spatial[0] // 8, case.roi_slices).astype(int)
         roi[picks, spatial[1] // 4: 3 * spatial[1] // 4, spatial[2] // 4: 3 * spatial[2] // 4] = True
@@ -175,11 +179,13 @@ def fastest_chunk(case: Case, model, image, roi) -> int:
     return min(times, key=times.get)
 
 
-def time_case(case: Case, device: torch.device, rounds: int, peers: list[str]) -> tuple[dict[str, float], int]:
+def time_case(case: Case, device: torch.device, rounds: int, runner: str,
+              chunk: int | None = None) -> tuple[dict[str, float], int]:
+    """Medians of ``runner`` and of the forward pass, interleaved, in this process."""
     model, image, roi = build(case, device)
-    chunk = fastest_chunk(case, model, image, roi)
+    chunk = chunk or fastest_chunk(case, model, image, roi)
     args = (model, case, image, roi, chunk)
-    names = ["forward", "ours", *peers]
+    names = ["forward", runner]
     for name in names:  # warm-up
         RUNNERS[name](*args)
     samples = {name: [] for name in names}
@@ -219,11 +225,12 @@ def case_from_json(text: str) -> Case:
     return Case(**{**data, "shape": tuple(data["shape"])})
 
 
-def time_case_in_fresh_process(case: Case, device: torch.device, rounds: int) -> tuple[dict[str, float], int]:
-    """time_case in a process of its own: allocator state and heap growth of one case's runners
-    (the peers retain whole graphs) must not leak into the next case."""
-    command = [sys.executable, __file__, "--time-case", json.dumps(case.__dict__), "--device", str(device),
-               "--rounds", str(rounds)]
+def time_case_in_fresh_process(case: Case, device: torch.device, rounds: int, runner: str,
+                                chunk: int = 0) -> tuple[dict[str, float], int]:
+    """time_case in a process of its own: the heap left by one runner (the peers retain whole
+    graphs) must not slow the next, so each runner is timed against its own interleaved forward."""
+    command = [sys.executable, __file__, "--time-case", json.dumps(case.__dict__), runner, str(chunk),
+               "--device", str(device), "--rounds", str(rounds)]
     lines = subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()
     times, chunk = json.loads(lines[-1])
     return times, chunk
@@ -245,7 +252,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--memory-probe", nargs=3, metavar=("CASE", "RUNNER", "CHUNK"))
-    parser.add_argument("--time-case", metavar="CASE", help=argparse.SUPPRESS)
+    parser.add_argument("--time-case", nargs=3, metavar=("CASE", "RUNNER", "CHUNK"), help=argparse.SUPPRESS)
+    parser.add_argument("--cases", default="", help="only the cases whose name contains this text")
     parser.add_argument("--default-allocator", action="store_true",
                         help="keep glibc's default malloc settings (the worker's are used otherwise)")
     args = parser.parse_args()
@@ -263,7 +271,8 @@ def main() -> None:
     except ImportError:
         print("(captum not installed: pip install -c constraints.txt captum to compare with it)")
     if args.time_case:
-        print(json.dumps(time_case(case_from_json(args.time_case), device, args.rounds, peers)))
+        case_json, runner, chunk = args.time_case
+        print(json.dumps(time_case(case_from_json(case_json), device, args.rounds, runner, int(chunk) or None)))
         return
     allocator = "default" if args.default_allocator else "worker's (large blocks kept)"
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
@@ -275,8 +284,12 @@ def main() -> None:
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     dense_forward = {}
-    for case in cases(args.quick):
-        times, chunk = time_case_in_fresh_process(case, device, args.rounds)
+    for case in [c for c in cases(args.quick) if args.cases in c.name]:
+        times, chunk = time_case_in_fresh_process(case, device, args.rounds, "ours")
+        for peer in peers:
+            peer_times, _ = time_case_in_fresh_process(case, device, args.rounds, peer, chunk)
+            # the peer relative to the forward timed beside it, scaled to this row's forward
+            times[peer] = peer_times[peer] / peer_times["forward"] * times["forward"]
         if case.roi_slices is None:
             dense_forward[case.shape] = times["forward"]
         if case.spatial_dims == 2:

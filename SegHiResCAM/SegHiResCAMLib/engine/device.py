@@ -57,12 +57,14 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 def memory_budget(device: torch.device) -> int:
-    """Bytes one batch may use: half the free GPU memory, or a quarter of available RAM (<= 4 GiB)."""
+    """Bytes one batch may use: half the free GPU memory, or a quarter of available RAM up to
+    1 GiB on the CPU, where larger batches are no faster (a 64-slice 256^2 volume took the same
+    time in batches of 4 or 64 slices) and only raise the peak."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * 0.5)
     available = _available_ram()
-    return int(min(available * 0.25, 4 * 2**30))
+    return int(min(available * 0.25, 2**30))
 
 
 def _available_ram() -> int:
