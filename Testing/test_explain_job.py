@@ -145,8 +145,23 @@ def test_options_out_of_range_are_refused_with_the_value():
 
 
 def test_panel_choices_travel_to_the_worker_in_the_request():
-    request = Request(image="a.nrrd", model="m.pt", output="o.nrrd", slice_axis=2, trust_code=True)
-    assert Request.from_json(request.to_json()) == request
+    from SegHiResCAMLib.io.images import read_image, read_mask
+    from SegHiResCAMLib.worker.launcher import WorkerProcess
+
+    scene, volume, segmentation, _, _ = ball_scene()
+    options = cpu(layer="decoder.0", target_class=1, method="seg-grad-cam", target="probability-threshold",
+                  threshold=0.3, slice_axis=2, trust_code=True)
+    job = ExplainJob(scene, volume, MODEL, segmentation, "Ball", options)  # a segment name is accepted
+    with WorkerProcess() as worker:
+        request = job._write_inputs(worker)
+        assert (request.layer, request.target_class, request.method) == ("decoder.0", 1, "seg-grad-cam")
+        assert (request.target, request.threshold, request.device) == ("probability-threshold", 0.3, "cpu")
+        assert request.slice_axis == 2 and request.trust_code and request.model == str(MODEL)
+        image = read_image(request.image)
+        np.testing.assert_allclose(image.ijk_to_ras, IJK_TO_RAS, atol=1e-6)
+        mask = read_mask(request.roi, image, label=request.roi_label)
+        grid = np.indices(mask.shape)
+        np.testing.assert_array_equal(mask, ((grid - CENTRE[:, None, None, None]) ** 2).sum(0) <= RADIUS**2)
 
 
 def test_worker_error_events_map_to_our_error_classes():
