@@ -16,7 +16,6 @@ import pytest
 
 from mrml_helpers import add_segment, add_segmentation, add_volume
 from SegHiResCAMLib.errors import CancelledError, InputError, LayerError, SegHiResCAMError
-from SegHiResCAMLib.worker.protocol import Request
 from SegHiResCAMLib.mrml.explain_job import ExplainJob, ExplainOptions, error_from_event
 from SegHiResCAMLib.mrml.heatmap_display import HEATMAP_ATTRIBUTE
 from SegHiResCAMLib.mrml.scene import new_scene, node_ids
