@@ -215,3 +215,17 @@ def test_kernel_weighted_contribution_refuses_options_it_cannot_honour(options):
     with pytest.raises(InputError, match="Kernel-Weighted Contribution"):
         explain(unet(3), np.ones((1, 8, 8, 8), np.float32), layer="bottleneck", target_class=1,
                 method="kernel-weighted-contribution", device="cpu", **options)
+
+
+def test_multi_layer_kernel_weighted_map_is_the_mean_of_the_normalised_layer_maps():
+    from SegHiResCAMLib import explain
+
+    model = unet(3, classes=3)
+    image = np.random.default_rng(5).random((1, 8, 8, 8), dtype=np.float32)
+    options = dict(target_class=1, roi=np.ones((8, 8, 8), bool), method="kernel-weighted-contribution",
+                   device="cpu")
+    parts = [explain(model, image, layer=name, **options) for name in ("bottleneck", "decoder.0")]
+    combined = explain(model, image, layer=["bottleneck", "decoder.0"], **options)
+    mean = np.mean(parts, axis=0)
+    assert mean.max() > 0
+    np.testing.assert_allclose(combined, mean / mean.max(), atol=1e-6)

@@ -25,7 +25,7 @@ from .methods import METHODS
 
 KERNEL_WEIGHTED = "kernel-weighted-contribution"
 METHOD_NAMES = (*METHODS, KERNEL_WEIGHTED)
-from .resize import normalize_by_max, upsample_to
+from .resize import combine_layer_maps, upsample_to
 from .targets import TARGETS, per_sample_scores, roi_on_output_grid
 
 ProgressCallback = Callable[[float, str], None]
@@ -183,17 +183,15 @@ def explain_detailed(
         runs = [
             kernel_weighted_detailed(
                 model, image, layer=name, target_class=target_class, roi=roi, spatial_dims=spatial_dims,
-                slice_axis=slice_axis, normalize=normalize or len(layers) > 1, device=device,
+                slice_axis=slice_axis, normalize=False, device=device,
                 progress=scaled_progress(progress, gradient_share + (1 - gradient_share) * i / len(layers),
                                          (1 - gradient_share) / len(layers)),
                 multilabel=multilabel, probabilities=probabilities,
             )
             for i, name in enumerate(layers)
         ]
-        heat = runs[0].heatmap if len(runs) == 1 else np.mean([run.heatmap for run in runs], axis=0)
-        if normalize and len(runs) > 1 and heat.max() > 0:
-            heat = heat / heat.max()
-        result[KERNEL_WEIGHTED] = heat.astype(np.float32)
+        heat = combine_layer_maps([torch.from_numpy(run.heatmap) for run in runs], normalize)
+        result[KERNEL_WEIGHTED] = heat.to(torch.float32).numpy()
         notes += [message for run in runs for message in run.warnings]
         if not gradient_methods:
             resolved, roi_voxels = torch.device(runs[0].device), runs[0].roi_voxels
@@ -301,11 +299,7 @@ class _Job:
             notes[-1] += ", so the heatmap is all zeros; choose a region or class that is present"
         result = {}
         for method in self.methods:
-            per_layer = [maps[(method, name)] for name in self.layers]
-            combined = per_layer[0] if len(per_layer) == 1 else torch.stack(
-                [normalize_by_max(m) for m in per_layer]).mean(0)
-            if normalize:
-                combined = normalize_by_max(combined)
+            combined = combine_layer_maps([maps[(method, name)] for name in self.layers], normalize)
             result[method] = layout.restore(combined).to(torch.float32).cpu().numpy()
         return result, device, roi_voxels, notes
 

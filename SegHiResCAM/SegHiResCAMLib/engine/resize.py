@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -20,3 +22,10 @@ def normalize_by_max(volume: torch.Tensor) -> torch.Tensor:
     """Divide by the maximum over the whole tensor; an all-zero map stays zero."""
     peak = volume.max()
     return volume / peak if peak > 0 else volume
+
+
+def combine_layer_maps(maps: Sequence[torch.Tensor], normalize: bool) -> torch.Tensor:
+    """One layer's map as it is; several layers' maps each divided by its own maximum, then
+    averaged (multi-layer, SPIE 2022). ``normalize`` then divides by the overall maximum."""
+    combined = maps[0] if len(maps) == 1 else torch.stack([normalize_by_max(m) for m in maps]).mean(0)
+    return normalize_by_max(combined) if normalize else combined
