@@ -139,7 +139,7 @@ def explain_volume(
         threshold=threshold,
         spatial_dims=card.spatial_dims,
         slice_axis=card.slice_axis,
-        normalize=True,
+        normalize=False,  # normalised once, after mapping back onto the volume grid (_normalised)
         multilabel=card.multilabel,
         probabilities=card.outputs == "probabilities",
         device=device,
