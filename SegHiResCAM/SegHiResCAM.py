@@ -362,7 +362,7 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Failed to start the explanation."), waitCursor=True):
-            self.logic.ensureTorch(askConfirmation=True)
+            self.logic.ensureTorch(askConfirmation=True)  # before asking about the model's code, which needs torch
             trustCode = self._askToTrustModelCode(p.modelPath)
             if trustCode is None:
                 return
