@@ -98,9 +98,16 @@ def test_only_the_channel_that_reaches_the_class_gets_weight_and_the_map_is_its_
         activation = model.features(x[None])[0, 1]
         assert (2 * torch.relu(activation) - 1 > 0).any(), "the oracle needs a non-empty prediction"
     result = kernel_weighted_detailed(model, x.numpy(), layer="features", target_class=0, device="cpu")
-    np.testing.assert_allclose(result.weights, [0.0, 1.0, 0.0], atol=1e-9)
-    np.testing.assert_allclose(result.dependent[[0, 2]], 0.0, atol=1e-9)
-    np.testing.assert_allclose(result.independent[1], result.prediction_total, rtol=1e-9)
+    # Zeroing a channel the class ignores changes each float32 probability P(p) by rounding only, a few
+    # float32 ulps of P(p) (the batch composition picks the convolution kernel and so the summation order).
+    # Summed over the voxels, D_k of an ignored channel is at most that share of S = sum_p P(p), I_1 equals S
+    # to that relative precision, and an ignored channel's min-max weight D_k I_k / (D_1 I_1) is at most
+    # that share of S / D_1 (with I_k <= S and I_1 = S).
+    rounding = 8 * np.finfo(np.float32).eps
+    total = result.prediction_total
+    np.testing.assert_allclose(result.dependent[[0, 2]], 0.0, atol=rounding * total)
+    np.testing.assert_allclose(result.independent[1], total, rtol=rounding)
+    np.testing.assert_allclose(result.weights, [0.0, 1.0, 0.0], atol=rounding * total / result.dependent[1])
     expected = torch.relu(activation) / torch.relu(activation).max()
     np.testing.assert_allclose(result.heatmap, expected.numpy(), atol=1e-6)
 

@@ -187,6 +187,7 @@ def test_worker_runs_with_the_fast_allocator_unless_the_user_chose_otherwise(mon
 
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")
-    env = WorkerProcess()._environment()
+    with WorkerProcess() as worker:
+        env = worker._environment()
     assert env["MALLOC_MMAP_THRESHOLD_"] == FAST_ALLOCATOR["MALLOC_MMAP_THRESHOLD_"] == str(4 * 2**30)
     assert env["MALLOC_TRIM_THRESHOLD_"] == "12345"
