@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -9,20 +10,67 @@ import pytest
 import torch
 
 
+# SEGHIRESCAM_TEST_THREADS=N runs every test with N torch threads. The suite must pass with any
+# count: float32 sums change with the thread count (and the CPU), so no tolerance may depend on one.
+TEST_THREADS = os.environ.get("SEGHIRESCAM_TEST_THREADS")
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_torch():
     """Seed torch, and give back torch's thread count, which a test may lower for reproducibility."""
     threads = torch.get_num_threads()
+    if TEST_THREADS:
+        torch.set_num_threads(int(TEST_THREADS))
     torch.manual_seed(0)
     yield
     torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _leaves_no_temp_folders():
-    """The suite leaves nothing behind: every worker run's temp folder is removed."""
-    root = Path(tempfile.gettempdir())
-    before = set(root.glob("SegHiResCAM-*"))
-    yield
-    left = sorted(str(path) for path in set(root.glob("SegHiResCAM-*")) - before)
-    assert not left, f"the tests left temp folders behind: {left}"
+def _leaves_no_temp_folders(tmp_path_factory):
+    """The suite leaves nothing behind: every worker run's temp folder and every staged output is removed.
+
+    The session gets a temp folder of its own (``tempfile`` here, ``TMPDIR`` for child processes),
+    so a test run of someone else on the same machine cannot be mistaken for a leak of ours.
+    """
+    root = tmp_path_factory.mktemp("system-temp")
+    saved = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir = str(root)
+    os.environ["TMPDIR"] = str(root)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = saved[0]
+        if saved[1] is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved[1]
+    left = sorted(path.name for path in root.iterdir())
+    assert not left, f"the tests left temp files behind: {left}"
+
+
+def _cannot_write_in(folder) -> bool:
+    try:
+        handle, probe = tempfile.mkstemp(dir=folder)
+    except OSError:
+        return True
+    os.close(handle)
+    os.unlink(probe)
+    return False
+
+
+@pytest.fixture
+def unwritable_folder(tmp_path):
+    """A folder where creating a file fails: read-only by mode, or, for root (whom modes do not stop), /sys."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        if _cannot_write_in(folder):
+            yield folder
+        elif os.path.isdir("/sys") and _cannot_write_in("/sys"):  # sysfs refuses new files even to root
+            yield Path("/sys")
+        else:
+            pytest.skip("running as root, and no folder here refuses writing to root (no /sys)")
+    finally:
+        folder.chmod(0o700)

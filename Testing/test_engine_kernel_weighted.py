@@ -9,7 +9,7 @@ from torch import nn
 
 from SegHiResCAMLib import kernel_weighted_contribution
 from SegHiResCAMLib.engine.kernel_weighted import kernel_weighted_detailed
-from SegHiResCAMLib.errors import CancelledError, LayerError
+from SegHiResCAMLib.errors import CancelledError, LayerError, SegHiResCAMWarning
 from engine_nets import LocalNet, unet
 
 
@@ -164,7 +164,7 @@ def test_3d_unet_bottleneck_map_has_the_image_shape_and_chunking_does_not_change
 
 def test_empty_region_gives_zeros_and_a_warning():
     model = LocalNet(2, classes=2)
-    with pytest.warns(RuntimeWarning, match="empty"):
+    with pytest.warns(SegHiResCAMWarning, match="empty"):
         heat = kernel_weighted_contribution(model, np.ones((1, 8, 8), np.float32), layer="features", target_class=1,
                                             roi=np.zeros((8, 8), bool), device="cpu")
     assert heat.shape == (8, 8) and not heat.any() and np.isfinite(heat).all()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from SegHiResCAMLib import explain, explain_detailed
+from SegHiResCAMLib.errors import SegHiResCAMWarning
 from engine_nets import LocalNet, unet
 
 
@@ -110,7 +111,7 @@ def test_empty_roi_gives_an_all_zero_finite_map_and_a_warning(roi):
         region = None
         with torch.no_grad():
             model.head.bias[:] = torch.tensor([100.0, -100.0, -100.0])  # predicts only class 0
-    with pytest.warns(RuntimeWarning, match="all zeros"):
+    with pytest.warns(SegHiResCAMWarning, match="all zeros"):
         heat = explain(model, image, layer="bottleneck", target_class=1, roi=region, device="cpu")
     assert heat.shape == (8, 8, 8) and heat.dtype == np.float32
     assert np.all(heat == 0) and np.all(np.isfinite(heat))

@@ -8,6 +8,7 @@ import torch
 
 from SegHiResCAMLib import METHODS, explain, explain_detailed
 from SegHiResCAMLib.engine.methods import seg_grad_cam, seg_hires_grad_cam
+from SegHiResCAMLib.errors import SegHiResCAMWarning
 from engine_nets import hooked_output_and_activation, unet
 
 
@@ -225,6 +226,6 @@ def test_models_that_output_probabilities_are_explained_without_squashing_them_a
 
 def test_threshold_target_says_when_no_voxel_passes_the_threshold():
     model = unet(2, classes=3)
-    with pytest.warns(RuntimeWarning, match="no voxel inside the region has a class-1 probability above 0.999"):
+    with pytest.warns(SegHiResCAMWarning, match="no voxel inside the region has a class-1 probability above 0.999"):
         explain(model, np.zeros((1, 16, 16), np.float32), layer="bottleneck", target_class=1,
                 roi=np.ones((16, 16), bool), target="probability-threshold", threshold=0.999, device="cpu")

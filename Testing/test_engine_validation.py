@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from SegHiResCAMLib import MaskingScores, masking_scores
-from SegHiResCAMLib.errors import InputError
+from SegHiResCAMLib.errors import InputError, SegHiResCAMWarning
 from engine_nets import LocalNet, unet
 
 
@@ -103,7 +103,7 @@ def test_2d_model_over_a_volume_and_a_given_region():
 
 
 def test_empty_region_gives_nan_prediction_preserved_and_a_warning():
-    with pytest.warns(RuntimeWarning, match="empty"):
+    with pytest.warns(SegHiResCAMWarning, match="empty"):
         scores = masking_scores(LocalNet(2), IMAGE, np.ones((12, 12)), target_class=1, roi=np.zeros((12, 12)),
                                 device="cpu")
     assert np.isnan(scores.prediction_preserved) and scores.image_preserved == 1.0

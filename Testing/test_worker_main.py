@@ -133,20 +133,37 @@ def test_unreadable_model_is_an_error_event(case):
     assert code == 1 and events[-1]["event"] == "error" and "broken.pt" in events[-1]["message"]
 
 
-def test_roi_outside_the_image_gives_warning_events_and_still_a_result(case):
-    folder, model, reference = case
+def test_roi_outside_the_image_is_refused_before_the_model_loads(case):
+    folder, model, _ = case
     elsewhere = sitk.Image(4, 4, 4, sitk.sitkUInt8)
     elsewhere.SetOrigin((500.0, 500.0, 500.0))  # far outside the image: resampled, it covers nothing
     elsewhere[1, 1, 1] = 1
     sitk.WriteImage(elsewhere, str(folder / "far.nrrd"))
     request = request_for(folder, model, roi=str(folder / "far.nrrd"), roi_label=1, output=str(folder / "heat_far.nrrd"))
     code, events = run_in_process(write_request(folder, request, "far.json"))
+    # Before: exit 0 with an all-zero heatmap and two warnings.
+    assert code == 1 and events[-1]["event"] == "error"
+    assert "covers no voxel of the image" in events[-1]["message"]
+    assert not any(event["event"] == "warning" for event in events)  # refused, not resampled-and-warned
+    assert not any("loading the model" in event.get("message", "") for event in events)
+    assert not (folder / "heat_far.nrrd").exists()
+
+
+def test_roi_on_another_grid_gives_one_warning_event_and_a_result(case):
+    folder, model, reference = case
+    coarse = sitk.Image(8, 8, 8, sitk.sitkUInt8)  # half the image's resolution, same corner and axes
+    coarse.SetSpacing(tuple(2 * s for s in reference.GetSpacing()))
+    coarse.SetDirection(reference.GetDirection())
+    coarse.SetOrigin(reference.GetOrigin())
+    coarse[3:6, 2:6, 3:5] = 1
+    sitk.WriteImage(coarse, str(folder / "coarse.nrrd"))
+    request = request_for(folder, model, roi=str(folder / "coarse.nrrd"), roi_label=1,
+                          output=str(folder / "heat_coarse.nrrd"))
+    code, events = run_in_process(write_request(folder, request, "coarse.json"))
     assert code == 0, events
     warnings = [event["message"] for event in events if event["event"] == "warning"]
-    assert any("resampled" in message for message in warnings)  # from read_mask
-    assert len(warnings) >= 2 and len(set(warnings)) == len(warnings)  # the engine's empty-ROI warning, once
-    assert events[-1]["event"] == "result" and events[-1]["roi_voxels"] == 0
-    assert not sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "heat_far.nrrd"))).any()
+    assert len(warnings) == 1 and "resampled onto the image's grid (nearest neighbour)" in warnings[0]
+    assert events[-1]["event"] == "result" and events[-1]["roi_voxels"] > 0
 
 
 def test_malformed_request_exits_2_with_an_error_event(tmp_path):

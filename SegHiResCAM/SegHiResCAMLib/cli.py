@@ -8,6 +8,7 @@ Errors come out as one line, ``seghirescam: error: ...``, with exit status 1 (2 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import traceback
@@ -16,7 +17,7 @@ from typing import Any, TextIO
 
 from . import __version__
 from .errors import InputError, SegHiResCAMError
-from .worker.main import one_line
+from .warning_relay import debug_log_to, distinct, one_line, relayed_warnings
 
 PROG = "seghirescam"
 from .worker.protocol import DEVICES
@@ -173,6 +174,12 @@ def run_explain(args: argparse.Namespace) -> int:
         target_class=target_class, roi=args.roi, roi_label=roi_label, method=args.method,
         target=args.target, threshold=args.threshold, device=args.device, trust_code=args.trust_code,
     )
+    if args.png:  # checked with --out, before any reading or loading
+        from .io.outputs import PICTURE_SUFFIXES, check_distinct_outputs, check_output_file
+        from .worker.main import inputs_of
+
+        check_output_file(args.png, inputs=inputs_of(request), suffixes=PICTURE_SUFFIXES, kind="picture")
+        check_distinct_outputs([args.out, args.png])
     bar = ProgressBar(sys.stderr)
 
     def sink(name: str, **fields: Any) -> None:
@@ -227,10 +234,12 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
     size = args.size if args.size is not None else (32 if args.quick else None)
     bar = ProgressBar(sys.stderr)
+    warn = distinct(lambda message: (bar.close(), _warn(message)))
     try:
-        report = run_demo(Path(args.out), data_dir=Path(args.data) if args.data else None, size=size,
-                          quick=args.quick, device=args.device, layer=args.layer,
-                          progress=bar.update, warn=lambda message: (bar.close(), _warn(message)))
+        with relayed_warnings(warn):
+            report = run_demo(Path(args.out), data_dir=Path(args.data) if args.data else None, size=size,
+                              quick=args.quick, device=args.device, layer=args.layer,
+                              progress=bar.update, warn=warn)
     finally:
         bar.close()
     _print(report)
@@ -245,7 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        # Only SegHiResCAM's own warnings reach the user; --debug also shows what other libraries warned about.
+        with debug_log_to(sys.stderr, PROG) if args.debug else contextlib.nullcontext(), \
+                relayed_warnings(distinct(_warn)):
+            return COMMANDS[args.command](args)
     except SegHiResCAMError as error:
         if args.debug:
             traceback.print_exc()

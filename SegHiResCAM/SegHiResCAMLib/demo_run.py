@@ -88,7 +88,7 @@ def run_demo(
     """Run the demo and return the text to print (where the files are, what to look at).
 
     Args:
-        out_dir: output folder (created).
+        out_dir: output folder (created; its files appear only when the whole demo succeeded).
         data_dir: folder with the T1, the white-matter mask and the models (default: bundled).
         size: explain only the central block of ``size`` voxels per axis (fast runs, tests).
         quick: the first model only.
@@ -99,9 +99,10 @@ def run_demo(
         warn: receives messages for the user (skipped pictures, engine warnings).
 
     Raises:
-        InputError: demo files missing, or the output folder cannot be made.
+        InputError: demo files missing, or the output folder cannot be written (refused before any work).
     """
     from .io.images import read_image, read_mask, write_image
+    from .io.outputs import staged_folder
     from .overlays import peak_ras, render_overlays, rendering_unavailable
     from .pipeline import explain_volume
     from .worker.main import load_model_for
@@ -109,53 +110,54 @@ def run_demo(
     data = Path(data_dir) if data_dir is not None else DATA_DIR
     models = _demo_files(data, quick)
     warn = warn or (lambda message: None)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise InputError(f"cannot create the output folder {out_dir}: {error.strerror or error}") from error
-
-    image = read_image(data / T1_FILE)
-    roi = read_mask(data / WHITE_MATTER_FILE, image, label=1) if (data / WHITE_MATTER_FILE).is_file() else None
-    if size is not None:
-        whole = image
-        image = central_block(whole, size)
+    inputs = {"the demo image": data / T1_FILE, "the demo region": data / WHITE_MATTER_FILE,
+              **{f"the model {weights.name}": weights for _, _, weights in models}}
+    # Everything is written into a folder beside out_dir and moved into place only at the end:
+    # a failed or interrupted demo leaves out_dir as it was.
+    with staged_folder(out_dir, inputs=inputs) as work:
+        image = read_image(data / T1_FILE)
+        roi = read_mask(data / WHITE_MATTER_FILE, image, label=1) if (data / WHITE_MATTER_FILE).is_file() else None
+        if size is not None:
+            whole = image
+            image = central_block(whole, size)
+            if roi is not None:
+                roi = central_block(Volume(roi, whole.ijk_to_ras), size).array
+        write_image(image, work / "mni152_t1.nrrd")
         if roi is not None:
-            roi = central_block(Volume(roi, whole.ijk_to_ras), size).array
-    write_image(image, out_dir / "mni152_t1.nrrd")
-    if roi is not None:
-        write_image(Volume(roi.astype(np.uint8), image.ijk_to_ras), out_dir / "white_matter_roi.nrrd")
+            write_image(Volume(roi.astype(np.uint8), image.ijk_to_ras), work / "white_matter_roi.nrrd")
 
-    no_pictures = rendering_unavailable()
-    if no_pictures:
-        warn(f"PNG pictures skipped: {no_pictures}")
-    outputs: list[DemoOutput] = []
-    for index, (name, label, weights) in enumerate(models):
-        loaded = load_model_for(weights)
+        no_pictures = rendering_unavailable()
+        if no_pictures:
+            warn(f"PNG pictures skipped: {no_pictures}")
+        outputs: list[DemoOutput] = []
+        for index, (name, label, weights) in enumerate(models):
+            loaded = load_model_for(weights)
 
-        def model_progress(fraction: float, message: str, index: int = index, label: str = label) -> None:
-            if progress is not None:
-                progress((index + fraction) / len(models), f"{label}: {message}")
+            def model_progress(fraction: float, message: str, index: int = index, label: str = label) -> None:
+                if progress is not None:
+                    progress((index + fraction) / len(models), f"{label}: {message}")
 
-        started = time.perf_counter()
-        maps, explanation = explain_volume(
-            loaded, image, target_class=WHITE_MATTER, roi=roi, methods=tuple(methods), layer=layer,
-            device=device, progress=model_progress,
-        )
-        seconds = time.perf_counter() - started
-        for message in explanation.warnings:
-            warn(f"{label}: {message}")
-        # Every picture of a model cuts through the hottest voxel of its first map, so the methods
-        # are compared on the same slices, where the headline method finds the evidence.
-        focus = peak_ras(next(iter(maps.values())))
-        for method, heat in maps.items():
-            stem = out_dir / f"{name}_{method}"
-            heat_path = write_image(heat, stem.with_suffix(".nrrd"))
-            pictures: list[Path] = []
-            if not no_pictures:
-                pictures, _ = render_overlays(image, heat, stem, point_ras=focus)
-            outputs.append(DemoOutput(name, method, heat_path, tuple(pictures), seconds, explanation.device,
-                                      share_inside(heat.array, roi), layer or loaded.card.default_layer,
-                                      tuple(float(v) for v in focus)))
+            started = time.perf_counter()
+            maps, explanation = explain_volume(
+                loaded, image, target_class=WHITE_MATTER, roi=roi, methods=tuple(methods), layer=layer,
+                device=device, progress=model_progress,
+            )
+            seconds = time.perf_counter() - started
+            for message in explanation.warnings:
+                warn(f"{label}: {message}")
+            # Every picture of a model cuts through the hottest voxel of its first map, so the methods
+            # are compared on the same slices, where the headline method finds the evidence.
+            focus = peak_ras(next(iter(maps.values())))
+            for method, heat in maps.items():
+                stem = work / f"{name}_{method}"
+                heat_path = write_image(heat, stem.with_suffix(".nrrd"))
+                pictures: list[Path] = []
+                if not no_pictures:
+                    pictures, _ = render_overlays(image, heat, stem, point_ras=focus)
+                outputs.append(DemoOutput(name, method, out_dir / heat_path.name,
+                                          tuple(out_dir / picture.name for picture in pictures), seconds,
+                                          explanation.device, share_inside(heat.array, roi),
+                                          layer or loaded.card.default_layer, tuple(float(v) for v in focus)))
     return _report(out_dir, image, roi, models, outputs, no_pictures)
 
 

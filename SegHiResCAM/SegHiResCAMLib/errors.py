@@ -1,4 +1,4 @@
-"""One exception family for everything SegHiResCAM reports to a user.
+"""One exception family, and one warning category, for everything SegHiResCAM reports to a user.
 
 Every message says what is wrong with the value received and what to do about it,
 in words a radiologist can act on. The subclasses also derive from the matching
@@ -37,3 +37,11 @@ class MissingDependencyError(SegHiResCAMError, ImportError):
 
 class CancelledError(SegHiResCAMError):
     """The user cancelled a running explanation."""
+
+
+class SegHiResCAMWarning(UserWarning):
+    """A message for the user from SegHiResCAM itself (a resampled region, an empty map, ...).
+
+    The worker and the command line relay warnings of this category, and only these: what
+    numpy or torch warn about goes to the debug log, never to the user as SegHiResCAM's word.
+    """

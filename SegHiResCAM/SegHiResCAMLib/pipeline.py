@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from .errors import InputError
+from .region import region_weights
 from .volume import Volume
 
 ProgressCallback = Callable[[float, str], None]
@@ -76,8 +77,9 @@ def explain_volume(
         loaded: a :class:`~SegHiResCAMLib.models.loading.LoadedModel` (network and model card).
         volume: the image, ``(K, J, I)`` or ``(C, K, J, I)`` with its IJK-to-RAS matrix.
         target_class: class index, or a class name from the model card.
-        roi: bool mask of ``volume.spatial_shape`` whose prediction is explained; None = the
-            model's own prediction of ``target_class``.
+        roi: the region of ``volume.spatial_shape`` whose prediction is explained: a mask (bool or
+            whole-number labels, non-zero = inside) or weights in [0, 1] (used as m(p), resampled
+            linearly onto the model's grid); None = the model's own prediction of ``target_class``.
         layer: layer name(s); None = the model card's default layer.
         methods: CAM methods to compute (see ``SegHiResCAMLib.METHODS``).
         target: "logits" or "probability-threshold" (see the engine).
@@ -93,7 +95,8 @@ def explain_volume(
         (device, ROI size, seconds, warnings).
 
     Raises:
-        InputError: bad class, ROI of the wrong shape, image the model cannot take.
+        InputError: bad class, ROI of the wrong shape or with weights outside [0, 1], a region that
+            vanishes on the model's grid, an image the model cannot take (or with NaN/inf values).
         LayerError: unknown layer (with the nearest names).
     """
     from .engine.capture import check_layers
@@ -115,6 +118,8 @@ def explain_volume(
     check_layers(loaded.module, layers)
     if volume.array.ndim not in (3, 4):
         raise InputError(f"the image must be a 3D volume (K, J, I), got an array of shape {volume.array.shape}")
+    if not np.isfinite(volume.array).all():  # before normalisation, which would turn inf into NaN with a warning
+        raise InputError("the image contains NaN or infinite values; fix or mask them before explaining")
     if roi is not None:
         roi = np.asarray(roi)
         if roi.shape != volume.spatial_shape:
@@ -122,12 +127,17 @@ def explain_volume(
                 f"the ROI has shape {roi.shape} but the image has {volume.spatial_shape}; "
                 "give a mask on the image's voxel grid"
             )
-        roi = roi.astype(bool)
+        roi = region_weights(roi)  # labels -> bool mask; non-integer values -> weights in [0, 1], kept
 
     if progress is not None:
         progress(0.0, "preparing the image for the model")
     prepared = prepare_input(volume, card)
-    roi_model = None if roi is None else np.asarray(prepared.roi_to_model(roi)).astype(bool)
+    roi_model = None if roi is None else np.asarray(prepared.roi_to_model(roi))
+    if roi_model is not None and roi.any() and not roi_model.any():
+        raise InputError(
+            f"the region ({int(np.count_nonzero(roi))} voxels) covers no voxel of the model's grid once resampled "
+            "to it (it is smaller than the model's voxels, or outside its crop); choose a larger region"
+        )
     explanation = explain_detailed(
         loaded.module,
         prepared.image,

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InputError, LayerError
+from ..errors import InputError, LayerError, SegHiResCAMWarning
 from .capture import check_layers, forward_with_activations, segmentation_output
 from .device import fitting_count, in_chunks, is_out_of_memory, prepared_model, resolve_device
 from .methods import METHODS
@@ -116,7 +116,7 @@ def explain(
         multilabel=multilabel, probabilities=probabilities, device=device,
     )
     for message in result.warnings:
-        _warnings.warn(message, RuntimeWarning, stacklevel=2)
+        _warnings.warn(message, SegHiResCAMWarning, stacklevel=2)
     return result.heatmap
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InputError
+from ..errors import InputError, SegHiResCAMWarning
 from .capture import segmentation_output
 from .device import fitting_count, in_chunks, prepared_model, resolve_device
 from .explain import _arrange, _image_tensor
@@ -80,7 +80,7 @@ def masking_scores(model: nn.Module, image, heatmap, *, target_class: int, roi=N
         in_chunks(samples.shape[0], size, run_device, predict_both)
     if sums[0] <= 0:
         _warnings.warn(f"the region to score (class {target_class}) is empty, so Prediction Preserved is undefined "
-                       "(NaN); choose a region or class that is present", RuntimeWarning, stacklevel=2)
+                       "(NaN); choose a region or class that is present", SegHiResCAMWarning, stacklevel=2)
         preserved = float("nan")
     else:
         preserved = float(sums[1] / sums[0])

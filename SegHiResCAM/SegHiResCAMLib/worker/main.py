@@ -15,7 +15,6 @@ import logging
 import sys
 import time
 import traceback
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any, TextIO
 
 from ..errors import InputError, SegHiResCAMError
 from ..volume import Volume
+from ..warning_relay import distinct, one_line, relayed_warnings
 from .protocol import Request, emit
 
 logger = logging.getLogger(__name__)
@@ -44,12 +44,6 @@ class RunResult:
     roi_voxels: int
 
 
-def one_line(error: BaseException | str) -> str:
-    """A message on one line (events and terminal errors are one line by contract)."""
-    text = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
-    return text or type(error).__name__
-
-
 def load_model_for(path: str | Path, *, trust_code: bool = False):
     """``load_model``, imported only when needed (it imports torch)."""
     from ..models.loading import load_model
@@ -57,17 +51,9 @@ def load_model_for(path: str | Path, *, trust_code: bool = False):
     return load_model(path, trust_code=trust_code)
 
 
-def _warning_relay(sink: EventSink) -> Callable[[str], None]:
-    """A function sending each distinct warning message once (the engine may both warn and report)."""
-    sent: set[str] = set()
-
-    def relay(message: str) -> None:
-        text = one_line(message)
-        if text not in sent:
-            sent.add(text)
-            sink("warning", message=text)
-
-    return relay
+def inputs_of(request: Request) -> dict[str, str | None]:
+    """Every input file or folder of a request, by the role a message names it with."""
+    return {"the image": request.image, "the region file": request.roi, "the model": request.model}
 
 
 def execute(request: Request, sink: EventSink) -> RunResult:
@@ -75,7 +61,8 @@ def execute(request: Request, sink: EventSink) -> RunResult:
 
     ``sink(name, **fields)`` receives "progress" (fraction, message), "warning" (message) and
     finally "result" (output, device, seconds, roi_voxels, method, layer, target_class).
-    Warnings raised with :func:`warnings.warn` during the run are relayed as warning events.
+    SegHiResCAM's warnings (:class:`~SegHiResCAMLib.errors.SegHiResCAMWarning`) raised during the
+    run are relayed as warning events, each once; other libraries' warnings go to the debug log.
 
     Raises:
         SegHiResCAMError: any problem a user can fix (its message is one sentence).
@@ -84,20 +71,19 @@ def execute(request: Request, sink: EventSink) -> RunResult:
     from ..pipeline import explain_volume
 
     started = time.perf_counter()
-    relay = _warning_relay(sink)
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")  # the relay sends each distinct message once
-        warnings.showwarning = lambda message, *args, **kwargs: relay(str(message))
+    relay = distinct(lambda text: sink("warning", message=text))
+    with relayed_warnings(relay):
 
         def progress(fraction: float, message: str) -> None:
             sink("progress", fraction=round(float(fraction), 4), message=message)
 
+        # Fail before any reading or loading: a folder, a file type, or an input that would be overwritten.
+        output = check_output_path(request.output, inputs=inputs_of(request))
         progress(0.0, f"reading {Path(request.image).name}")
         image = read_image(request.image)
         roi = None
         if request.roi:
             roi = read_mask(request.roi, image, label=request.roi_label)
-        output = check_output_path(request.output)  # fail before the slow part, not after it
         progress(0.0, f"loading the model {Path(request.model).name}")
         loaded = load_model_for(request.model, trust_code=request.trust_code)
         maps, explanation = explain_volume(
