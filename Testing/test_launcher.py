@@ -21,6 +21,7 @@ from SegHiResCAMLib.io.images import read_image, write_image
 from SegHiResCAMLib.volume import Volume
 from SegHiResCAMLib.worker.launcher import WorkerProcess
 from SegHiResCAMLib.worker.protocol import Request
+from tolerances import geometry_atol
 
 MODEL = Path(__file__).resolve().parents[1] / "SegHiResCAM" / "Resources" / "Models" / "SelfTestBallUNet.pt"
 IJK_TO_RAS = np.array([[-1.2, 0, 0, 20.0], [0, -1.2, 0, -5.0], [0, 0, 2.0, 7.0], [0, 0, 0, 1]])
@@ -70,7 +71,7 @@ def test_worker_streams_progress_then_one_result_with_a_heatmap_file(tmp_path):
         result = events[-1]
         assert Path(result["output"]) == output and result["device"] == "cpu" and result["seconds"] > 0
         heatmap = read_image(output)
-        np.testing.assert_allclose(heatmap.ijk_to_ras, IJK_TO_RAS, atol=1e-6)
+        np.testing.assert_allclose(heatmap.ijk_to_ras, IJK_TO_RAS, rtol=0, atol=geometry_atol(IJK_TO_RAS))  # NRRD
         assert heatmap.array.shape == (32, 32, 32)
         assert worker.returncode == 0 and worker.finished
         temp_dir = worker.temp_dir

@@ -90,5 +90,6 @@ def test_infinite_voxels_are_refused_without_a_numpy_warning(scripted, capsys):
     code, _, stderr = explain(scripted, capsys, "--debug", image="inf.nrrd")
     assert code == 1
     lines = stderr.splitlines()
-    assert lines[-1] == "seghirescam: error: the image contains NaN or infinite values; fix or mask them before explaining"
+    assert lines[-1] == ("seghirescam: error: the image contains NaN or infinite values; "
+                         "fix or mask them before explaining")
     assert not any("invalid value" in line for line in lines), stderr

@@ -80,8 +80,9 @@ def write_image(volume: Volume, path: str | Path, *, compress: bool = True) -> P
         os.replace(partial, target)
     except (RuntimeError, OSError) as error:
         reason = itk_reason(error) if isinstance(error, RuntimeError) else (error.strerror or str(error))
-        advice = ("check that its folder is writable and has free space" if target.name.lower().endswith(WRITABLE_SUFFIXES)
-                  else f"use one of {', '.join(WRITABLE_SUFFIXES)}")
+        known = target.name.lower().endswith(WRITABLE_SUFFIXES)
+        advice = "check that its folder is writable and has free space" if known else (
+            f"use one of {', '.join(WRITABLE_SUFFIXES)}")
         raise InputError(f"cannot write {target} ({reason}); {advice}") from error
     finally:
         partial.unlink(missing_ok=True)

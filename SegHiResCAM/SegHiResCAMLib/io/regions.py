@@ -90,9 +90,8 @@ def _label_value(array: np.ndarray, label: int | str | None, source: Path) -> in
             f"choose a label value: {_listed(labels) or 'none, all voxels are 0'}"
         )
     if value not in present:
-        raise InputError(
-            f"label {value} does not occur in {source.name}; labels present: {_listed(labels) or 'none (all voxels are 0)'}"
-        )
+        present_text = _listed(labels) or "none (all voxels are 0)"
+        raise InputError(f"label {value} does not occur in {source.name}; labels present: {present_text}")
     return value
 
 
@@ -113,7 +112,8 @@ def _region_on_file_grid(image: sitk.Image, label: int | str | None, source: Pat
         if label is not None:
             raise InputError(
                 f"the region file {source.name} is a weight map (values between whole numbers), so the label "
-                f"choice {label!r} does not apply; leave --roi-label out to use its values as weights, or give a label map"
+                f"choice {label!r} does not apply; leave --roi-label out to use its values as weights, "
+                "or give a label map"
             )
         check_weights(array, f"the region file {source.name}")
         return array.astype(np.float32), f"the weight map {source.name}"
@@ -183,7 +183,10 @@ def read_mask(path: str | Path, reference: Volume, *, label: int | str | None = 
     else:
         offset = voxel_offset_on(image, reference)
         resampled = offset is None
-        on_grid = _resampled(region, image, reference) if resampled else _placed(region, offset, reference.spatial_shape)
+        if resampled:
+            on_grid = _resampled(region, image, reference)
+        else:
+            on_grid = _placed(region, offset, reference.spatial_shape)
     if not on_grid.any():
         raise InputError(
             f"{what} covers no voxel of the image once placed on the image's grid (it lies outside the image); "
