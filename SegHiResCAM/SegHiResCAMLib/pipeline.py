@@ -97,7 +97,8 @@ def explain_volume(
         LayerError: unknown layer (with the nearest names).
     """
     from .engine.capture import check_layers
-    from .engine.explain import explain_detailed, scaled_progress
+    from .engine.explain import explain_detailed
+    from .progress import scaled_progress
     from .models.preprocess import prepare_input
 
     card = loaded.card
