@@ -14,7 +14,8 @@ LIBRARY = Path(__file__).resolve().parents[1] / "SegHiResCAM" / "SegHiResCAMLib"
 TORCH_FREE = [
     "SegHiResCAMLib", "SegHiResCAMLib.catalog", "SegHiResCAMLib.settings", "SegHiResCAMLib.progress",
     "SegHiResCAMLib.errors", "SegHiResCAMLib.models.trust", "SegHiResCAMLib.models.card",
-    "SegHiResCAMLib.worker.protocol", "SegHiResCAMLib.worker.launcher", "SegHiResCAMLib.cli",
+    "SegHiResCAMLib.worker.protocol", "SegHiResCAMLib.worker.launcher", "SegHiResCAMLib.worker.main",
+    "SegHiResCAMLib.service", "SegHiResCAMLib.cli",
     "SegHiResCAMLib.mrml.explain_job", "SegHiResCAMLib.mrml.volumes", "SegHiResCAMLib.mrml.segments", "SegHiResCAMLib.mrml.heatmap_display",
     "SegHiResCAMLib.mrml.scene", "SegHiResCAMLib.mrml.render",
 ]

@@ -153,10 +153,12 @@ def test_panel_choices_travel_to_the_worker_in_the_request():
     job = ExplainJob(scene, volume, MODEL, segmentation, "Ball", options)  # a segment name is accepted
     with WorkerProcess() as worker:
         request = job._write_inputs(worker)
-        assert (request.layer, request.target_class, request.method) == ("decoder.0", 1, "seg-grad-cam")
-        assert (request.target, request.threshold, request.device) == ("probability-threshold", 0.3, "cpu")
-        assert request.slice_axis == 2 and request.trust_code and request.model == str(MODEL)
-        image = read_image(request.image)
+        settings = request.settings
+        assert (settings.layers, settings.target_class, settings.methods) == (("decoder.0",), 1, ("seg-grad-cam",))
+        assert (settings.target, settings.target_threshold, settings.device) == ("probability-threshold", 0.3, "cpu")
+        assert settings.slice_axis == 2 and request.trust_code and request.model == str(MODEL)
+        (image_path,) = request.images
+        image = read_image(image_path)
         np.testing.assert_allclose(image.ijk_to_ras, IJK_TO_RAS, atol=1e-6)
         mask = read_mask(request.roi, image, label=request.roi_label)
         grid = np.indices(mask.shape)

@@ -7,7 +7,6 @@ coronal and sagittal PNGs with Slicer's slice-view code when ``slicer-core`` is 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,8 +102,9 @@ def run_demo(
     """
     from .io.images import read_image, read_mask, write_image
     from .overlays import peak_ras, render_overlays, rendering_unavailable
-    from .pipeline import explain_volume
-    from .worker.main import load_model_for
+    from .service import run_request
+    from .settings import ExplainSettings
+    from .worker.protocol import ExplainRequest
 
     data = Path(data_dir) if data_dir is not None else DATA_DIR
     models = _demo_files(data, quick)
@@ -121,40 +121,40 @@ def run_demo(
         image = central_block(whole, size)
         if roi is not None:
             roi = central_block(Volume(roi, whole.ijk_to_ras), size).array
-    write_image(image, out_dir / "mni152_t1.nrrd")
+    image_path = write_image(image, out_dir / "mni152_t1.nrrd")
+    roi_path = None
     if roi is not None:
-        write_image(Volume(roi.astype(np.uint8), image.ijk_to_ras), out_dir / "white_matter_roi.nrrd")
+        roi_path = write_image(Volume(roi.astype(np.uint8), image.ijk_to_ras), out_dir / "white_matter_roi.nrrd")
 
     no_pictures = rendering_unavailable()
     if no_pictures:
         warn(f"PNG pictures skipped: {no_pictures}")
+    settings = ExplainSettings(target_class=WHITE_MATTER, layers=(layer,) if layer else (), methods=tuple(methods),
+                               device=device)
     outputs: list[DemoOutput] = []
     for index, (name, label, weights) in enumerate(models):
-        loaded = load_model_for(weights)
 
         def model_progress(fraction: float, message: str, index: int = index, label: str = label) -> None:
             if progress is not None:
                 progress((index + fraction) / len(models), f"{label}: {message}")
 
-        started = time.perf_counter()
-        maps, explanation = explain_volume(
-            loaded, image, target_class=WHITE_MATTER, roi=roi, methods=tuple(methods), layer=layer,
-            device=device, progress=model_progress,
+        # The files just written, through the service every door runs (the worker, the command line).
+        request = ExplainRequest(
+            images=(str(image_path),), model=str(weights), settings=settings,
+            outputs=tuple(str(out_dir / f"{name}_{method}.nrrd") for method in settings.methods),
+            roi=None if roi_path is None else str(roi_path), roi_label=None if roi_path is None else 1,
         )
-        seconds = time.perf_counter() - started
-        for message in explanation.warnings:
-            warn(f"{label}: {message}")
+        result = run_request(request, progress=model_progress,
+                             warn=lambda message, label=label: warn(f"{label}: {message}"))
         # Every picture of a model cuts through the hottest voxel of its first map, so the methods
         # are compared on the same slices, where the headline method finds the evidence.
-        focus = peak_ras(next(iter(maps.values())))
-        for method, heat in maps.items():
-            stem = out_dir / f"{name}_{method}"
-            heat_path = write_image(heat, stem.with_suffix(".nrrd"))
+        focus = peak_ras(next(iter(result.maps.values())))
+        for method, heat in result.maps.items():
             pictures: list[Path] = []
             if not no_pictures:
-                pictures, _ = render_overlays(image, heat, stem, point_ras=focus)
-            outputs.append(DemoOutput(name, method, heat_path, tuple(pictures), seconds, explanation.device,
-                                      share_inside(heat.array, roi), layer or loaded.card.default_layer,
+                pictures, _ = render_overlays(image, heat, out_dir / f"{name}_{method}", point_ras=focus)
+            outputs.append(DemoOutput(name, method, result.outputs[method], tuple(pictures), result.seconds,
+                                      result.device, share_inside(heat.array, roi), result.settings.layers[0],
                                       tuple(float(v) for v in focus)))
     return _report(out_dir, image, roi, models, outputs, no_pictures)
 

@@ -24,7 +24,11 @@ import numpy as np
 from .. import errors
 from ..errors import CancelledError, InputError, SegHiResCAMError
 from ..worker.launcher import WorkerProcess
-from ..worker.protocol import DEVICES, Request
+from ..catalog import DEVICE_CHOICES, names
+from ..settings import ExplainSettings
+from ..worker.protocol import ExplainRequest
+
+DEVICES = names(DEVICE_CHOICES)
 
 logger = logging.getLogger(__name__)
 
@@ -242,19 +246,15 @@ class ExplainJob:
             mask = segment_mask(self.segmentation_node, self.segment_id, self.input_volume_node)
             roi_path = worker.path("roi.nrrd")
             write_mask(mask, self.input_volume_node, roi_path)
-        return Request(
-            image=str(image_path),
-            model=str(self.model_path),
-            output=str(worker.path("heatmap.nrrd")),
-            roi=str(roi_path) if roi_path is not None else None,
-            roi_label=1,
-            layer=self.options.layer,
-            target_class=int(self.options.target_class),
-            method=self.options.method,
-            target=self.options.target,
-            threshold=float(self.options.threshold),
-            device=self.options.device,
-            slice_axis=self.options.slice_axis,
+        layer = self.options.layer
+        settings = ExplainSettings(
+            target_class=int(self.options.target_class), layers=() if layer is None else layer,
+            methods=(self.options.method,), target=self.options.target, target_threshold=float(self.options.threshold),
+            device=self.options.device, slice_axis=self.options.slice_axis,
+        )
+        return ExplainRequest(
+            images=(str(image_path),), model=str(self.model_path), outputs=(str(worker.path("heatmap.nrrd")),),
+            settings=settings, roi=str(roi_path) if roi_path is not None else None, roi_label=1,
             trust_code=bool(self.options.trust_code),
         )
 
