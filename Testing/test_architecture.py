@@ -16,7 +16,7 @@ TORCH_FREE = [
     "SegHiResCAMLib.errors", "SegHiResCAMLib.models.trust", "SegHiResCAMLib.models.card",
     "SegHiResCAMLib.worker.protocol", "SegHiResCAMLib.worker.launcher", "SegHiResCAMLib.worker.main",
     "SegHiResCAMLib.service", "SegHiResCAMLib.cli",
-    "SegHiResCAMLib.mrml.explain_job", "SegHiResCAMLib.mrml.volumes", "SegHiResCAMLib.mrml.segments", "SegHiResCAMLib.mrml.heatmap_display",
+    "SegHiResCAMLib.jobs.explain_job", "SegHiResCAMLib.jobs.layers_job", "SegHiResCAMLib.mrml.volumes", "SegHiResCAMLib.mrml.segments", "SegHiResCAMLib.mrml.heatmap_display",
     "SegHiResCAMLib.mrml.scene", "SegHiResCAMLib.mrml.render",
 ]
 # Plain data, not even numpy: the choices and the wire format.
