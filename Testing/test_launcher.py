@@ -23,6 +23,9 @@ from SegHiResCAMLib.volume import Volume
 from SegHiResCAMLib.worker.launcher import WorkerProcess
 from SegHiResCAMLib.worker.protocol import ExplainRequest
 
+# Every test here starts a fresh Python + torch process: the slow half of the suite.
+pytestmark = pytest.mark.process
+
 MODEL = Path(__file__).resolve().parents[1] / "SegHiResCAM" / "Resources" / "Models" / "SelfTestBallUNet.pt"
 IJK_TO_RAS = np.array([[-1.2, 0, 0, 20.0], [0, -1.2, 0, -5.0], [0, 0, 2.0, 7.0], [0, 0, 0, 1]])
 CENTRE, RADIUS = np.array([12.0, 18.0, 15.0]), 5.0

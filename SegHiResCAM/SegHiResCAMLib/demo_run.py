@@ -34,7 +34,7 @@ class DemoOutput:
     pictures: tuple[Path, ...]
     seconds: float
     device: str
-    share_in_roi: float | None  # share of the map's total inside the ROI (None without an ROI)
+    share_in_roi: float | None  # share of the heatmap's total inside the region (None without a region)
     layer: str
     focus_ras: tuple[float, float, float]  # where the pictures' slices cross
 
@@ -51,7 +51,7 @@ def central_block(volume: Volume, size: int) -> Volume:
 
 
 def share_inside(heat: np.ndarray, roi: np.ndarray | None) -> float | None:
-    """Share of a map's total that lies inside the ROI (1 = all of it); None without ROI or map."""
+    """Share of a heatmap's total that lies inside the region (1 = all of it); None without either."""
     total = float(heat.sum())
     if roi is None or total <= 0.0:
         return None
@@ -163,7 +163,7 @@ def _report(out_dir, image, roi, models, outputs: list[DemoOutput], no_pictures:
     shape = "x".join(map(str, image.spatial_shape[::-1]))
     lines = [
         f"SegHiResCAM demo: white matter (class {WHITE_MATTER}) on the MNI152 T1, {shape} voxels (I x J x K), "
-        f"ROI {'the bundled white-matter segment' if roi is not None else 'each model’s own prediction'}",
+        f"region {'the bundled white-matter segment' if roi is not None else 'each model’s own prediction'}",
         f"written to {out_dir.resolve()}:",
         f"  {'mni152_t1.nrrd':<40}the image",
     ]
@@ -179,19 +179,19 @@ def _report(out_dir, image, roi, models, outputs: list[DemoOutput], no_pictures:
         mine = [o.method for o in outputs if o.model == name]
         where = ", ".join(f"{axis} {value:+.0f}" for axis, value in zip("RAS", focus))
         lines.append(f"{name}: layer {layer}, {len(mine)} methods in {seconds:.1f} s on {device}; "
-                     f"its pictures cut through ({where}) mm, the hottest voxel of its {mine[0]} map")
+                     f"its pictures cut through ({where}) mm, the hottest voxel of its {mine[0]} heatmap")
     if no_pictures:
         lines.append(f"no PNG pictures: {no_pictures}")
     lines.append("What to look at:")
     shares = [o for o in outputs if o.share_in_roi is not None]
     if shares:
-        lines.append("  - How much of each map lies inside the white matter it explains (1.00 = all of it):")
+        lines.append("  - How much of each heatmap lies inside the white matter it explains (1.00 = all of it):")
         for output in shares:
             lines.append(f"      {output.model:<14}{output.method:<20}{output.share_in_roi:.2f}")
     lines += [
         "  - Seg-HiRes-Grad CAM multiplies gradient and activation voxel by voxel, so it shows where inside",
         "    and around the white matter the evidence for the white-matter logits is. Seg-Grad CAM gives",
-        "    each channel one weight, so its map follows whole feature channels and can light up grey matter,",
+        "    each channel one weight, so its heatmap follows whole feature channels and can light up grey matter,",
         "    ventricles or background that the segment does not depend on. Compare the PNG pairs side by side.",
         "  - In Slicer: load mni152_t1.nrrd, then a heatmap as the foreground volume (colour table Inferno,",
         "    opacity 0.5), or open the PNGs.",
