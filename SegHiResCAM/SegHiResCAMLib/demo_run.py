@@ -72,6 +72,29 @@ def _demo_files(data_dir: Path, quick: bool) -> list[tuple[str, str, Path]]:
     return models[:1] if quick else models
 
 
+def _write_inputs(data: Path, out_dir: Path, size: int | None):
+    """The T1 and the white-matter region (cropped to the central block), written into ``out_dir``:
+    ``(image, roi, image_path, roi_path)``; the region is None when the data has none."""
+    from .io.images import read_image, read_mask, write_image
+
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"cannot create the output folder {out_dir}: {error.strerror or error}") from error
+    image = read_image(data / T1_FILE)
+    roi = read_mask(data / WHITE_MATTER_FILE, image, label=1) if (data / WHITE_MATTER_FILE).is_file() else None
+    if size is not None:
+        whole = image
+        image = central_block(whole, size)
+        if roi is not None:
+            roi = central_block(Volume(roi, whole.ijk_to_ras), size).array
+    image_path = write_image(image, out_dir / "mni152_t1.nrrd")
+    roi_path = None
+    if roi is not None:
+        roi_path = write_image(Volume(roi.astype(np.uint8), image.ijk_to_ras), out_dir / "white_matter_roi.nrrd")
+    return image, roi, image_path, roi_path
+
+
 def run_demo(
     out_dir: Path,
     *,
@@ -92,7 +115,7 @@ def run_demo(
         size: explain only the central block of ``size`` voxels per axis (fast runs, tests).
         quick: the first model only.
         device: "auto", "cpu" or "cuda".
-        methods: CAM methods to compare.
+        methods: heatmap methods to compare.
         layer: the layer explained in every model; None = each model card's default.
         progress: ``progress(fraction, message)`` over the whole demo.
         warn: receives messages for the user (skipped pictures, engine warnings).
@@ -100,7 +123,6 @@ def run_demo(
     Raises:
         InputError: demo files missing, or the output folder cannot be made.
     """
-    from .io.images import read_image, read_mask, write_image
     from .overlays import peak_ras, render_overlays, rendering_unavailable
     from .service import run_request
     from .settings import ExplainSettings
@@ -109,23 +131,7 @@ def run_demo(
     data = Path(data_dir) if data_dir is not None else DATA_DIR
     models = _demo_files(data, quick)
     warn = warn or (lambda message: None)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise InputError(f"cannot create the output folder {out_dir}: {error.strerror or error}") from error
-
-    image = read_image(data / T1_FILE)
-    roi = read_mask(data / WHITE_MATTER_FILE, image, label=1) if (data / WHITE_MATTER_FILE).is_file() else None
-    if size is not None:
-        whole = image
-        image = central_block(whole, size)
-        if roi is not None:
-            roi = central_block(Volume(roi, whole.ijk_to_ras), size).array
-    image_path = write_image(image, out_dir / "mni152_t1.nrrd")
-    roi_path = None
-    if roi is not None:
-        roi_path = write_image(Volume(roi.astype(np.uint8), image.ijk_to_ras), out_dir / "white_matter_roi.nrrd")
-
+    image, roi, image_path, roi_path = _write_inputs(data, out_dir, size)
     no_pictures = rendering_unavailable()
     if no_pictures:
         warn(f"PNG pictures skipped: {no_pictures}")
@@ -146,7 +152,7 @@ def run_demo(
         )
         result = run_request(request, progress=model_progress,
                              warn=lambda message, label=label: warn(f"{label}: {message}"))
-        # Every picture of a model cuts through the hottest voxel of its first map, so the methods
+        # Every picture of a model cuts through the hottest voxel of its first heatmap, so the methods
         # are compared on the same slices, where the headline method finds the evidence.
         focus = peak_ras(next(iter(result.maps.values())))
         for method, heat in result.maps.items():
