@@ -329,10 +329,12 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.roiSegmentId = kept
 
     def onSegmentChanged(self, segmentId) -> None:
+        """The user's pick (the selector lists only the shown segmentation's segments)."""
         p = self._parameterNode
         if p is None or self.ui.roiSegmentSelector.currentNode() != p.roiSegmentation:
-            return  # the selector's own pick of a segmentation, not the user's: ignored
-        self._syncSegmentSelector()
+            return  # a segment of the selector's own pick of a segmentation, not the user's: ignored
+        if p.roiSegmentId != (segmentId or ""):
+            self._parameterNode.roiSegmentId = segmentId or ""
 
     def _syncModelPath(self) -> None:
         """Show the parameter node's model path ("" for none, never ".")."""
