@@ -450,10 +450,44 @@ def _kill_tree(process: subprocess.Popen) -> None:
                 pass
         if process.poll() is None:
             process.kill()
+        # A kill is delivered asynchronously: return once the tree is really gone (GPU memory and
+        # files released), as far as it can be seen.
+        left = _wait_until_gone(descendants, KILL_TIMEOUT_SECONDS)
+        if left:
+            logger.warning("processes of the SegHiResCAM worker tree did not end after the kill: %s", left)
     try:
         process.wait(timeout=KILL_TIMEOUT_SECONDS)
     except subprocess.TimeoutExpired:
         logger.warning("the SegHiResCAM worker (pid %s) did not end after it was killed", process.pid)
+
+
+def _wait_until_gone(pids: list[int], timeout: float) -> list[int]:
+    """Wait up to ``timeout`` seconds for ``pids`` to end; the PIDs still running then."""
+    deadline = time.monotonic() + timeout
+    running = [pid for pid in pids if _still_running(pid)]
+    while running and time.monotonic() < deadline:
+        time.sleep(0.01)
+        running = [pid for pid in running if _still_running(pid)]
+    return running
+
+
+def _still_running(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie has ended); False where that cannot be seen (no psutil, no /proc)."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            stat = stat_file.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2 :].split()[0] not in (b"Z", b"X")
 
 
 def _run_taskkill(pid: int) -> None:
