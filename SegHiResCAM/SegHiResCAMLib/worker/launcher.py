@@ -54,7 +54,7 @@ STDERR_LINES_KEPT = 40
 # Seconds to wait for the pipe readers once the process tree was killed. They end as soon as
 # the last process holding the pipes is gone; longer means a process outlived the kill.
 READER_GRACE_SECONDS = 3.0
-# Seconds to wait for taskkill, and for the killed worker to be reaped.
+# Seconds to wait for taskkill, for the killed worker to be reaped, and for its descendants to end.
 KILL_TIMEOUT_SECONDS = 30.0
 
 # Windows constants (winbase.h, winuser.h), named here because ``subprocess`` defines them
