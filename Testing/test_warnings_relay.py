@@ -63,12 +63,14 @@ def test_debug_shows_other_libraries_warnings_apart_from_ours(scripted, capsys):
 
 
 def test_worker_events_carry_only_our_warnings(scripted):
+    from SegHiResCAMLib.settings import ExplainSettings
     from SegHiResCAMLib.worker.main import main as worker_main
-    from SegHiResCAMLib.worker.protocol import Request, parse_event
+    from SegHiResCAMLib.worker.protocol import ExplainRequest, parse_event
 
-    request = Request(image=str(scripted / "t1.nrrd"), model=str(scripted / "tiny.ts"),
-                      output=str(scripted / "heat_worker.nrrd"), target_class=2,
-                      roi=str(scripted / "coarse_roi.nrrd"), roi_label=1, device="cpu")
+    request = ExplainRequest(images=(str(scripted / "t1.nrrd"),), model=str(scripted / "tiny.ts"),
+                             outputs=(str(scripted / "heat_worker.nrrd"),),
+                             settings=ExplainSettings(target_class=2, device="cpu"),
+                             roi=str(scripted / "coarse_roi.nrrd"), roi_label=1)
     path = scripted / "request.json"
     path.write_text(request.to_json(), encoding="utf-8")
     stream = io.StringIO()

@@ -15,15 +15,9 @@ import logging
 import warnings
 from collections.abc import Callable, Iterator
 
-from .errors import SegHiResCAMWarning
+from .errors import SegHiResCAMWarning, one_line
 
 logger = logging.getLogger(__name__)
-
-
-def one_line(message: object) -> str:
-    """A message on one line (events and terminal lines are one line by contract)."""
-    text = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
-    return text or type(message).__name__
 
 
 def distinct(send: Callable[[str], None]) -> Callable[[str], None]:
