@@ -16,7 +16,7 @@ from SegHiResCAMLib.evaluation.cost import measure
 from SegHiResCAMLib.evaluation.faithfulness import deletion_insertion
 from SegHiResCAMLib.evaluation.localisation import localisation
 from SegHiResCAMLib.evaluation.masking import masking_scores_on_volume
-from SegHiResCAMLib.evaluation.perturbation import block_order, harmonic_fill, perturb
+from SegHiResCAMLib.evaluation.perturbation import baseline_image, block_order, harmonic_fill, perturb
 from SegHiResCAMLib.evaluation.randomisation import (data_randomisation, execution_stages, parameter_randomisation,
                                                      randomised_copy)
 from SegHiResCAMLib.evaluation.scoring import RegionScorer, resolve_region
@@ -68,12 +68,26 @@ def test_deletion_curve_follows_the_share_of_the_box_still_present():
         assert value == pytest.approx(left, abs=64 * EPS32)
 
 
-def test_curves_are_normalised_whatever_the_score_units():
+@pytest.mark.parametrize("baseline", ["zero", "mean", "blur", "noise", "impute"])
+def test_curves_are_normalised_whatever_the_score_units_and_baseline(baseline):
     for score in ("logits", "probability", "soft-dice"):
         scorer = RegionScorer(loaded(NegativeNet()), positive_volume(), 1, box_mask(), score=score)
-        result = deletion_insertion(scorer, blob_map(box_mask()), steps=4, baseline="zero", block=4)
+        result = deletion_insertion(scorer, blob_map(box_mask()), steps=4, baseline=baseline, block=4)
         assert result.deletion[0] == 1.0 and result.deletion[-1] == 0.0
         assert result.insertion[0] == 0.0 and result.insertion[-1] == 1.0
+        assert np.isfinite(result.deletion_auc) and np.isfinite(result.insertion_auc)
+
+
+def test_baseline_images_come_from_the_images_own_intensities():
+    image = positive_volume().array
+    constant = np.full(SHAPE, 3.25, np.float32)
+    assert np.array_equal(baseline_image(constant, "blur"), constant)  # blurring a constant changes nothing
+    assert np.all(baseline_image(image, "mean") == np.float32(image.astype(np.float64).mean()))
+    noise = baseline_image(image, "noise", seed=7).astype(np.float64)
+    assert abs(noise.mean() - image.mean()) < 4 * image.std() / np.sqrt(image.size)
+    assert noise.std() == pytest.approx(float(image.std()), rel=0.05)
+    assert np.array_equal(noise, baseline_image(image, "noise", seed=7))  # seeded
+    assert not baseline_image(image, "zero").any()
 
 
 def test_a_model_blind_to_the_removal_gives_nan_with_a_warning():

@@ -113,15 +113,21 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--cases", nargs="+", help="case names (default: every available one)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--block", type=int, default=4)
     parser.add_argument("--baseline", default="blur")
     parser.add_argument("--score", default="logits")
     parser.add_argument("--randomisation-points", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, help="torch threads (1 is fastest on a crowded CPU)")
     parser.add_argument("--summary-only", action="store_true", help="only rebuild the tables from the CSVs")
     args = parser.parse_args()
     from SegHiResCAMLib.models.loading import load_model
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     settings = EvaluationSettings(methods=tuple(args.methods), steps=args.steps, block=args.block,
                                   baseline=args.baseline, score=args.score,
@@ -139,7 +145,8 @@ def main() -> int:
                 continue
             started = time.perf_counter()
             result = evaluate_case(loaded, case.read(), case=case.name, target_class=WHITE_MATTER, layers=layers,
-                                   settings=settings)
+                                   settings=settings, progress=lambda fraction, message: print(
+                                       f"  {time.perf_counter() - started:6.0f} s {fraction:4.0%} {message}", flush=True))
             write_metrics_csv(stored, result.rows)
             results.append(result)
             print(f"{model_name} {case.name}: {len(result.rows)} values in {time.perf_counter() - started:.0f} s",

@@ -38,6 +38,21 @@ def blob_map(region: np.ndarray) -> np.ndarray:
     return np.exp(-0.5 * exponent).astype(np.float32)
 
 
+def baseline_map(name: str, region: np.ndarray, seed: int = 0) -> np.ndarray:
+    """One baseline map ("random", "region" or "blob") for a region.
+
+    Raises:
+        InputError: an unknown name, or an empty region for the blob.
+    """
+    if name == "random":
+        return random_map(np.shape(region), seed)
+    if name == "region":
+        return region_map(region)
+    if name == "blob":
+        return blob_map(region)
+    raise InputError(f"baseline map {name!r} is unknown; choose from {', '.join(BASELINE_MAPS)}")
+
+
 def baseline_maps(region: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
     """Every baseline map for one region."""
-    return {"random": random_map(np.shape(region), seed), "region": region_map(region), "blob": blob_map(region)}
+    return {name: baseline_map(name, region, seed) for name in BASELINE_MAPS}

@@ -54,6 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from(args: argparse.Namespace):
     """The :class:`suite.EvaluationSettings` of a parsed command line, checked before any long work."""
+    from ..engine.device import resolve_device
     from ..engine.explain import METHOD_NAMES
     from ..errors import InputError
     from .perturbation import BASELINES
@@ -74,7 +75,8 @@ def settings_from(args: argparse.Namespace):
         raise InputError(f"--randomisation-points must be 0 or more, got {args.randomisation_points}")
     return EvaluationSettings(methods=tuple(dict.fromkeys(args.methods)), steps=args.steps, baseline=args.baseline,
                               block=args.block, score=args.score, band_mm=args.band_mm,
-                              randomisation_points=args.randomisation_points, seed=args.seed, device=args.device)
+                              randomisation_points=args.randomisation_points, seed=args.seed,
+                              device=str(resolve_device(args.device)))  # "auto" decided once, for the cost too
 
 
 def run(args: argparse.Namespace) -> int:

@@ -71,8 +71,16 @@ def removal_masks(heatmap: np.ndarray, steps: int, block: int | Sequence[int], s
     return fractions, [voxel_rank < cut for cut in cuts]
 
 
+def end_scores(scorer: RegionScorer, baseline: str, *, sigma: float = 5.0, seed: int = 0) -> tuple[float, float]:
+    """``(y(x), y(b))``: the region's score on the image and on the all-baseline image (the same for every map)."""
+    image = np.asarray(scorer.volume.array, dtype=np.float32)
+    everything = np.ones(scorer.volume.spatial_shape, bool)
+    return scorer.score_one(image), scorer.score_one(perturb(image, everything, baseline, sigma=sigma, seed=seed))
+
+
 def deletion_insertion(scorer: RegionScorer, heatmap: np.ndarray, *, steps: int = 20, baseline: str = "blur",
-                       block: int | Sequence[int] = 4, sigma: float = 5.0, seed: int = 0) -> DeletionInsertion:
+                       block: int | Sequence[int] = 4, sigma: float = 5.0, seed: int = 0,
+                       ends: tuple[float, float] | None = None) -> DeletionInsertion:
     """Deletion and insertion curves and their AUCs for one map.
 
     Args:
@@ -83,6 +91,7 @@ def deletion_insertion(scorer: RegionScorer, heatmap: np.ndarray, *, steps: int 
         block: block edge in voxels (one number or K, J, I).
         sigma: Gaussian sigma (voxels) of the "blur" baseline.
         seed: seed of the tie-breaking order and of the "noise" baseline.
+        ends: :func:`end_scores` for these settings, when already computed (they do not depend on the map).
 
     Returns:
         DeletionInsertion.
@@ -102,7 +111,7 @@ def deletion_insertion(scorer: RegionScorer, heatmap: np.ndarray, *, steps: int 
     def removed(mask: np.ndarray) -> np.ndarray:
         return perturb(image, mask, baseline, fill=fill)
 
-    full, empty = scorer.score_one(image), scorer.score_one(removed(np.ones(heat.shape, bool)))
+    full, empty = ends if ends is not None else end_scores(scorer, baseline, sigma=sigma, seed=seed)
     inner = masks[1:-1]
     deletion_raw = np.array([full, *scorer(removed(m) for m in inner), empty])
     insertion_raw = np.array([empty, *scorer(removed(~m) for m in inner), full])

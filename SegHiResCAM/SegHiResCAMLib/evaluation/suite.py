@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..volume import Volume
-from .baselines import BASELINE_MAPS, baseline_maps
+from .baselines import BASELINE_MAPS, baseline_map
 from .cost import measure
-from .faithfulness import DeletionInsertion, deletion_insertion
+from .faithfulness import DeletionInsertion, deletion_insertion, end_scores
 from .localisation import localisation
 from .masking import masking_scores_on_volume
 from .randomisation import Randomisation, compare, parameter_randomisation
@@ -56,6 +56,9 @@ class EvaluationSettings:
         score: the region's score (:data:`scoring.SCORES`).
         band_mm: width of the band around the region for localisation (mm).
         randomisation_points: cascade points of the parameter randomisation (0 = skip it).
+        randomised: methods that get the randomisation check; None = every method except
+            kernel-weighted-contribution, whose 2K forward passes per point make it the costliest
+            (its randomisation values are then NaN).
         seed: seed of every random choice (ties, noise, random map, re-initialisation).
         device: "auto", "cpu" or "cuda".
     """
@@ -69,6 +72,7 @@ class EvaluationSettings:
     score: str = "logits"
     band_mm: float = 10.0
     randomisation_points: int = 4
+    randomised: tuple[str, ...] | None = None
     seed: int = 0
     device: str = "cpu"
 
@@ -119,6 +123,10 @@ def evaluate_case(loaded, volume: Volume, *, case: str, target_class: int, layer
     spacing_kji = tuple(float(s) for s in volume.spacing[::-1])
     probe = _probe(loaded, volume)
     total = max(len(layers) * (len(settings.methods) + len(settings.baselines)), 1)
+    ends = end_scores(scorer, settings.baseline, sigma=settings.sigma, seed=settings.seed)
+    randomised = settings.randomised
+    if randomised is None:
+        randomised = tuple(m for m in settings.methods if m != "kernel-weighted-contribution")
     done = 0
 
     def add(method: str, layer: str, metric: str, value: float) -> None:
@@ -138,8 +146,7 @@ def evaluate_case(loaded, volume: Volume, *, case: str, target_class: int, layer
             add(method, layer, "seconds", cost.seconds)
             add(method, layer, "peak_mib", cost.peak_mib)
         for name in settings.baselines:
-            made, cost = measure(lambda: baseline_maps(region, settings.seed), "cpu")
-            maps[name] = made[name]
+            maps[name], cost = measure(lambda name=name: baseline_map(name, region, settings.seed), "cpu")
             add(name, layer, "seconds", cost.seconds)
             add(name, layer, "peak_mib", cost.peak_mib)
         for method, heat in maps.items():
@@ -147,7 +154,7 @@ def evaluate_case(loaded, volume: Volume, *, case: str, target_class: int, layer
                 progress(done / total, f"{case}: scoring {method} at {layer}")
             result.maps[(layer, method)] = heat
             curves = deletion_insertion(scorer, heat, steps=settings.steps, baseline=settings.baseline,
-                                        block=settings.block, sigma=settings.sigma, seed=settings.seed)
+                                        block=settings.block, sigma=settings.sigma, seed=settings.seed, ends=ends)
             result.curves[(layer, method)] = curves
             add(method, layer, "deletion_auc", curves.deletion_auc)
             add(method, layer, "insertion_auc", curves.insertion_auc)
@@ -159,7 +166,7 @@ def evaluate_case(loaded, volume: Volume, *, case: str, target_class: int, layer
             for metric in ("mass_inside", "mass_band", "energy_pointing", "pointing_hit"):
                 add(method, layer, metric, getattr(where, metric))
             add(method, layer, "gini", gini(heat))
-            if settings.randomisation_points:
+            if settings.randomisation_points and (method in randomised or method not in settings.methods):
                 if method in settings.methods:
                     checked = parameter_randomisation(loaded.module, probe,
                                                       lambda module, method=method: map_of(module, method),
@@ -171,6 +178,9 @@ def evaluate_case(loaded, volume: Volume, *, case: str, target_class: int, layer
                 result.randomisation[(layer, method)] = checked
                 add(method, layer, "randomisation_spearman", checked.spearman[-1])
                 add(method, layer, "randomisation_ssim", checked.ssim[-1])
+            elif settings.randomisation_points:
+                add(method, layer, "randomisation_spearman", float("nan"))
+                add(method, layer, "randomisation_ssim", float("nan"))
             if random_labels_model is not None:
                 other = map_of(random_labels_model.module, method) if method in settings.methods else heat
                 rho, index = compare(heat, other)
