@@ -38,7 +38,7 @@ class MaskingScores:
 
     prediction_preserved: float
     image_preserved: float
-    excess_prediction: float = float("nan")
+    excess_prediction: float
 
 
 def masking_scores(model: nn.Module, image, heatmap, *, target_class: int, roi=None, threshold: float | None = None,
