@@ -134,3 +134,27 @@ def test_no_value_is_nan_where_the_region_and_maps_are_present(report):
     rows = read_metrics_csv(report / "metrics.csv")
     nan = [r for r in rows if r[2] == "bottleneck" and math.isnan(r[4]) and r[3] != "randomisation_spearman"]
     assert not nan, nan[:5]
+
+
+def test_data_randomisation_compares_with_the_other_models_map(tmp_path):
+    from SegHiResCAMLib.evaluation.similarity import spearman, ssim
+    from SegHiResCAMLib.evaluation.suite import EvaluationSettings, evaluate_case
+
+    trained = load_model(save_tiny_unet(tmp_path / "a", seed=0))
+    permuted = load_model(save_tiny_unet(tmp_path / "b", seed=1))  # stands in for a permuted-label model
+    write_oblique_image(tmp_path / "t1.nrrd")
+    image = read_image(tmp_path / "t1.nrrd")
+    roi = np.zeros(image.spatial_shape, bool)
+    roi[5:11, 4:12, 6:10] = True
+    settings = EvaluationSettings(methods=("seg-hires-grad-cam",), baselines=("region",), steps=1,
+                                  randomisation_points=0, device="cpu")
+    result = evaluate_case(trained, image, case="t1", target_class=2, layers=["bottleneck"], roi=roi,
+                           settings=settings, random_labels_model=permuted)
+    rows = {(r[1], r[3]): r[4] for r in result.rows}
+    maps = [explain_volume(model, image, target_class=2, roi=roi, layer="bottleneck", device="cpu")[0]
+            ["seg-hires-grad-cam"].array for model in (trained, permuted)]
+    assert rows[("seg-hires-grad-cam", "data_randomisation_spearman")] == pytest.approx(spearman(*maps), abs=1e-12)
+    assert rows[("seg-hires-grad-cam", "data_randomisation_ssim")] == pytest.approx(ssim(*maps), abs=1e-12)
+    assert rows[("seg-hires-grad-cam", "data_randomisation_ssim")] < 0.99
+    assert rows[("region", "data_randomisation_spearman")] == 1.0  # a baseline does not depend on the model
+    assert not any(metric.startswith("randomisation_") for _, metric in rows)  # 0 points: the cascade is skipped

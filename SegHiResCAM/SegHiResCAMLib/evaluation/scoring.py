@@ -19,12 +19,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ..errors import InputError
 from ..volume import Volume
+
+if TYPE_CHECKING:
+    from ..models.loading import LoadedModel
 
 SCORES = ("logits", "probability", "soft-dice")
 
@@ -42,7 +46,7 @@ class RegionScorer:
         device: "auto", "cpu" or "cuda".
     """
 
-    loaded: object
+    loaded: LoadedModel
     volume: Volume
     class_index: int
     region: np.ndarray
