@@ -62,8 +62,12 @@ CASES = (
 
 
 def available_cases(names: list[str] | None = None, warn: Callable[[str], None] = print) -> list[Case]:
-    """The cases whose files are installed (optionally only the named ones)."""
-    chosen = [c for c in CASES if names is None or c.name in names]
+    """The cases whose files are installed (optionally only the named ones, in the order given)."""
+    by_name = {c.name: c for c in CASES}
+    unknown = [n for n in names or [] if n not in by_name]
+    if unknown:
+        raise SystemExit(f"unknown case {unknown[0]!r}; cases: {', '.join(by_name)}")
+    chosen = list(CASES) if names is None else [by_name[n] for n in names]
     found = []
     for case in chosen:
         path = case.path()
