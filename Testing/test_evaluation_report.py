@@ -158,3 +158,16 @@ def test_data_randomisation_compares_with_the_other_models_map(tmp_path):
     assert rows[("seg-hires-grad-cam", "data_randomisation_ssim")] < 0.99
     assert rows[("region", "data_randomisation_spearman")] == 1.0  # a baseline does not depend on the model
     assert not any(metric.startswith("randomisation_") for _, metric in rows)  # 0 points: the cascade is skipped
+
+
+def test_evaluate_help_builds_without_torch_scipy_or_matplotlib():
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from SegHiResCAMLib.cli import build_parser\n"
+            "help_text = build_parser()._subparsers._group_actions[0].choices['evaluate'].format_help()\n"
+            "assert '--methods' in help_text and '--baseline' in help_text\n"
+            "heavy = sorted(m for m in ('torch', 'scipy', 'matplotlib') if m in sys.modules)\n"
+            "assert not heavy, heavy\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
