@@ -54,8 +54,8 @@ def save_randomisation(path: str | Path, cascades: Mapping[str, Randomisation], 
             left.plot(steps, cascade.spearman, marker="o", label=name)
             right.plot(steps, cascade.ssim, marker="o", label=name)
             labels = [f"…{stage}" for stage in cascade.stages]
-        for axis, measure in ((left, "Spearman rank correlation"), (right, "SSIM")):
-            axis.set_ylabel(f"{measure} with the trained model's map")
+        for axis, measure in ((left, "Spearman"), (right, "SSIM")):
+            axis.set_ylabel(f"{measure} with the trained map")
             axis.set_xlabel("randomised from the output down to")
             if any(len(c.stages) > 1 for c in cascades.values()):
                 axis.set_xticks(list(range(len(labels))))
