@@ -171,3 +171,22 @@ def test_evaluate_help_builds_without_torch_scipy_or_matplotlib():
             "heavy = sorted(m for m in ('torch', 'scipy', 'matplotlib') if m in sys.modules)\n"
             "assert not heavy, heavy\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_report_over_several_cases_gives_intervals_and_paired_wilcoxon(tmp_path):
+    from SegHiResCAMLib.evaluation.report import ReportInfo, write_report
+    from SegHiResCAMLib.evaluation.suite import CaseResult, EvaluationSettings
+    from SegHiResCAMLib.volume import Volume
+
+    results = []
+    for n in range(6):
+        rows = [(f"case{n}", "seg-hires-grad-cam", "bottleneck", "deletion_auc", 0.2),
+                (f"case{n}", "seg-grad-cam", "bottleneck", "deletion_auc", 0.2 + 0.1 * (n + 1))]
+        results.append(CaseResult(f"case{n}", Volume(np.zeros((2, 2, 2))), np.zeros((2, 2, 2), bool), rows=rows))
+    info = ReportInfo(model="m", class_name="2 (white matter)", region="r",
+                      settings=EvaluationSettings(methods=("seg-hires-grad-cam", "seg-grad-cam")))
+    page = write_report(tmp_path / "many", results, info, picture_cases=0, viewer=False).read_text(encoding="utf-8")
+    assert "Paired comparison with seg-hires-grad-cam across 6 cases" in page
+    assert "p=0.0312" in page  # six positive differences: the exact two-sided p is 2 / 2^6
+    assert "smallest possible p is 0.0312" in page
+    assert len(read_metrics_csv(tmp_path / "many" / "metrics.csv")) == 12
