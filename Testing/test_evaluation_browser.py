@@ -121,3 +121,23 @@ def test_notebook_repr_is_an_iframe_holding_the_page():
     markup = viewer._repr_html_()
     assert markup.startswith("<iframe srcdoc=") and "seghirescam-viewer-data" in markup
     assert "&lt;script" in markup and "<script" not in markup.split("srcdoc=")[1].split('"')[1]
+
+
+def test_embedded_nifti_reads_back_with_nibabel_on_an_oblique_grid(tmp_path):
+    import nibabel
+
+    from SegHiResCAMLib.evaluation.viewer import nifti_bytes
+
+    rng = np.random.default_rng(2)
+    values = rng.random((5, 6, 7))
+    angle = np.deg2rad(35.0)
+    matrix = np.eye(4)
+    matrix[:3, :3] = np.array([[-4.0, 0, 0], [0, -4 * np.cos(angle), -5 * np.sin(angle)],
+                               [0, -4 * np.sin(angle), 5 * np.cos(angle)]])
+    matrix[:3, 3] = [118.8, 132.2, 22.8]
+    for kind, data, tolerance in (("map", values, 0.5 / 255), ("image", values * 3000 - 200, 3200 / 65535)):
+        path = tmp_path / f"{kind}.nii.gz"
+        path.write_bytes(nifti_bytes(data, matrix, kind=kind))
+        image = nibabel.load(path)
+        np.testing.assert_allclose(image.affine, matrix, atol=1e-4)  # float32 header fields
+        np.testing.assert_allclose(image.get_fdata(), np.transpose(data, (2, 1, 0)), atol=tolerance * 1.0001)
