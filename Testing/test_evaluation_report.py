@@ -65,7 +65,7 @@ def test_values_match_the_library_computed_directly(case, report):
     rows = {(r[1], r[2], r[3]): r[4] for r in read_metrics_csv(report / "metrics.csv")}
     image = read_image(folder / "t1.nrrd")
     roi = read_mask(folder / "roi.nrrd", image)
-    maps, _ = explain_volume(load_model(model), image, target_class=2, roi=roi, layer="bottleneck",
+    maps, _ = explain_volume(load_model(model), image, target_class=2, roi=roi, layers=("bottleneck",),
                              methods=METHODS, device="cpu")
     for method in METHODS:
         assert rows[(method, "bottleneck", "gini")] == pytest.approx(gini(maps[method].array), rel=1e-12)
@@ -151,7 +151,7 @@ def test_data_randomisation_compares_with_the_other_models_map(tmp_path):
     result = evaluate_case(trained, image, case="t1", target_class=2, layers=["bottleneck"], roi=roi,
                            settings=settings, random_labels_model=permuted)
     rows = {(r[1], r[3]): r[4] for r in result.rows}
-    maps = [explain_volume(model, image, target_class=2, roi=roi, layer="bottleneck", device="cpu")[0]
+    maps = [explain_volume(model, image, target_class=2, roi=roi, layers=("bottleneck",), device="cpu")[0]
             ["seg-hires-grad-cam"].array for model in (trained, permuted)]
     assert rows[("seg-hires-grad-cam", "data_randomisation_spearman")] == pytest.approx(spearman(*maps), abs=1e-12)
     assert rows[("seg-hires-grad-cam", "data_randomisation_ssim")] == pytest.approx(ssim(*maps), abs=1e-12)

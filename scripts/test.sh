@@ -7,4 +7,5 @@ if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/
   echo "+ apt-get install chromium (for the browser test of the evaluation report)"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
+bash scripts/compat_pythons.sh  # Python 3.9 / 3.12 environments for Testing/test_python_versions.py
 python -m pytest -q "$@"

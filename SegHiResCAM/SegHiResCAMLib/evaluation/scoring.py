@@ -83,11 +83,11 @@ class RegionScorer:
         and the region ``(S, *out)`` on the output grid (S = 1 for 3D models, slices for 2D ones)."""
         from ..engine.capture import segmentation_output
         from ..engine.device import prepared_model, resolve_device
-        from ..engine.explain import _arrange, _image_tensor
+        from ..engine.arrange import arrange_samples, image_tensor
         from ..engine.targets import roi_on_output_grid
 
         card, model = self.loaded.card, self.loaded.module
-        samples, roi_t, _ = _arrange(_image_tensor(image, model), region, card.spatial_dims, card.slice_axis)
+        samples, roi_t, _ = arrange_samples(image_tensor(image, model), region, card.spatial_dims, card.slice_axis)
         device = resolve_device(self.device)
         outputs, regions = [], []
         with prepared_model(model, device), torch.inference_mode():

@@ -135,7 +135,7 @@ def evaluate_case(loaded, volume: Volume, *, case: str, target_class: int, layer
     for layer in layers:
         def map_of(module, method: str, layer: str = layer) -> np.ndarray:
             maps, explanation = explain_volume(dataclasses.replace(loaded, module=module), volume,
-                                               target_class=target_class, roi=region, layer=layer,
+                                               target_class=target_class, roi=region, layers=(layer,),
                                                methods=(method,), device=settings.device)
             result.warnings.extend(explanation.warnings)
             return maps[method].array
@@ -195,10 +195,10 @@ def evaluate_case(loaded, volume: Volume, *, case: str, target_class: int, layer
 
 def _probe(loaded, volume: Volume):
     """One model input ``(1, C, *spatial)`` of this case (the first slice for 2D models)."""
-    from ..engine.explain import _arrange, _image_tensor
+    from ..engine.arrange import arrange_samples, image_tensor
     from ..models.preprocess import prepare_input
 
     prepared = prepare_input(volume, loaded.card)
-    samples, _, _ = _arrange(_image_tensor(prepared.image, loaded.module), None, loaded.card.spatial_dims,
+    samples, _, _ = arrange_samples(image_tensor(prepared.image, loaded.module), None, loaded.card.spatial_dims,
                              loaded.card.slice_axis)
     return samples[samples.shape[0] // 2:samples.shape[0] // 2 + 1]
