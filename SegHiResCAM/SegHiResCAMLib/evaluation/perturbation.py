@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, InternalError
 
 BASELINES = ("blur", "mean", "zero", "noise", "impute")
 
@@ -127,7 +127,8 @@ def harmonic_fill(image: np.ndarray, removed: np.ndarray, *, rtol: float = 1e-8)
     start = np.full(count, values[~removed].mean())
     solution, info = cg(matrix, rhs, x0=start, rtol=rtol, atol=0.0, maxiter=20 * count)
     if info != 0:
-        raise RuntimeError(f"the harmonic fill did not converge ({info}); report this with the image's size")
+        raise InternalError(f"the harmonic fill did not converge (conjugate gradients returned {info}); "
+                            "use another --baseline and report this with the image's size")
     out[removed] = solution
     return out.astype(np.float32)
 

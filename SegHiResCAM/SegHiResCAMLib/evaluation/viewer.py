@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import InputError
 from ..volume import Volume
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -36,7 +37,7 @@ def nifti_bytes(array: np.ndarray, ijk_to_ras: np.ndarray, *, kind: str = "map")
     """
     values = np.asarray(array, dtype=np.float64)
     if values.ndim != 3:
-        raise ValueError(f"a 3D array (K, J, I) is needed, got shape {values.shape}")
+        raise InputError(f"the 3D view needs a 3D array (K, J, I), got shape {values.shape}")
     if kind == "map":
         slope, intercept = 1.0 / 255.0, 0.0
         data = np.clip(np.round(values * 255.0), 0, 255).astype("<u1")
