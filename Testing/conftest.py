@@ -11,9 +11,12 @@ import pytest
 import torch
 
 
-# SEGHIRESCAM_TEST_THREADS=N runs every test with N torch threads. The suite must pass with any
-# count: float32 sums change with the thread count (and the CPU), so no tolerance may depend on one.
+# SEGHIRESCAM_TEST_THREADS=N runs the whole session (module fixtures included) with N torch threads.
+# The suite must pass with any count: float32 sums change with the thread count (and the CPU), so no
+# tolerance may depend on one; comparisons that are exact rely only on one count within the session.
 TEST_THREADS = os.environ.get("SEGHIRESCAM_TEST_THREADS")
+if TEST_THREADS:
+    torch.set_num_threads(int(TEST_THREADS))
 
 
 @pytest.fixture(autouse=True)
