@@ -412,3 +412,59 @@ def test_mixed_precision_runs_in_bf16_and_stays_close_on_cpu():
     # bf16 keeps 8 significant bits: a few of its epsilons (2**-8) of the normalised map
     assert np.abs(mixed - exact).max() < 16 * 2.0**-8
     assert math.isclose(mixed.max(), 1.0)
+
+
+# ----------------------------------------------------------------------------- bounded memory
+
+_MEMORY_PROBE = r"""
+import json, resource, sys
+import numpy as np, psutil, torch
+from torch import nn
+from SegHiResCAMLib.engine.explain import explain_detailed
+from SegHiResCAMLib.engine.sliding_window import explain_windows
+from SegHiResCAMLib.windows import SlidingWindow
+
+torch.set_num_threads(1)
+torch.manual_seed(0)
+width = 32
+model = nn.Sequential(nn.Conv3d(1, width, 3, padding=1), nn.ReLU(), nn.Conv3d(width, width, 3, padding=1), nn.ReLU(),
+                      nn.Conv3d(width, width, 3, padding=1), nn.ReLU(), nn.Conv3d(width, 2, 1)).eval()
+edge, mode = int(sys.argv[1]), sys.argv[2]
+image = np.random.default_rng(0).standard_normal((1, edge, edge, edge)).astype(np.float32)
+roi = np.ones((edge,) * 3, bool)
+before = psutil.Process().memory_info().rss
+if mode == "windows":
+    explain_windows(model, image, layers=["2"], class_index=1, roi=roi, window=SlidingWindow((32, 32, 32)),
+                    device="cpu", batch_size=1)
+else:
+    explain_detailed(model, image, layer="2", target_class=1, roi=roi, device="cpu")
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"extra": max(0, peak - before)}))
+"""
+
+
+def _extra_peak_bytes(edge: int, mode: str) -> int:
+    import os
+    import subprocess
+    import sys
+
+    # Large blocks go straight back to the system when freed, so the peak RSS counts live tensors.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(edge), mode], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])["extra"]
+
+
+def test_a_volume_eight_times_the_window_explains_in_about_one_windows_memory():
+    one_window = _extra_peak_bytes(32, "windows")
+    eight_windows = _extra_peak_bytes(64, "windows")
+    whole_volume = _extra_peak_bytes(64, "whole")
+    voxels = 64**3
+    # What must grow with the volume: the input, the region, the weights' sum, the target's share,
+    # the stitched map and the float copies the caller gets, about ten float32 planes.
+    volume_planes = 10 * 4 * voxels
+    bound = one_window + volume_planes
+    assert eight_windows <= bound, (one_window, eight_windows, whole_volume)
+    # the bound is far below what one pass over the whole volume needs, so it measures the windowing
+    assert whole_volume > 2 * bound, (one_window, eight_windows, whole_volume)
