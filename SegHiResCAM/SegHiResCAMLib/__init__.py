@@ -26,6 +26,8 @@ _LAZY = {
     "LoadedModel": "models.loading",
     "ModelCard": "models.card",
     "Volume": "volume",
+    "SlidingWindow": "windows",
+    "predict": "engine.sliding_window",
 }
 
 __all__ = sorted(_LAZY)

@@ -7,9 +7,12 @@ The tiling itself (tile starts, Gaussian weights) is in ``engine.tiling``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import InputError
+
+if TYPE_CHECKING:
+    from .models.card import ModelCard
 
 
 @dataclass(frozen=True)
@@ -84,3 +87,12 @@ class SlidingWindow:
         if "patch_size" not in data:
             raise InputError("sliding window: 'patch_size' is missing")
         return cls(**data)
+
+
+def window_for_card(card: ModelCard) -> SlidingWindow | None:
+    """How the model's own inference tiles it: the card's patch size with the step and weighting it
+    names (``extra["sliding_window"]``, from a MONAI bundle's inferer), else nnU-Net's defaults."""
+    if card.patch_size is None:
+        return None
+    options = card.extra.get("sliding_window", {}) if isinstance(card.extra, dict) else {}
+    return SlidingWindow(tuple(card.patch_size), **{k: v for k, v in options.items() if k in ("step", "gaussian")})
