@@ -25,7 +25,7 @@ The steps, in order (each one axis-aligned, so each has an exact inverse):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -292,8 +292,11 @@ def plan_for(volume: Volume, card: ModelCard, image: np.ndarray | None = None) -
                  tuple(float(s) for s in spacing_kji), tuple(target_spacing), card.resampling)  # type: ignore[arg-type]
 
 
-def prepare_input(volume: Volume, card: ModelCard) -> PreparedInput:
+def prepare_input(volume: Volume, card: ModelCard, *, pad_to_divisible: bool = True) -> PreparedInput:
     """Put ``volume`` on the model's grid and intensity scale (see the module docstring).
+
+    ``pad_to_divisible=False`` skips step 6: sliding windows of the card's patch size need no
+    divisibility, and nnU-Net tiles the unpadded image.
 
     Raises:
         InputError: the channel count differs from the card, or the volume cannot be reoriented.
@@ -303,7 +306,7 @@ def prepare_input(volume: Volume, card: ModelCard) -> PreparedInput:
         raise InputError(
             f"the model expects {card.in_channels} image channel(s) but the volume has {image.shape[0]}"
         )
-    plan = plan_for(volume, card, image)
+    plan = plan_for(volume, card if pad_to_divisible else replace(card, divisible_by=1), image)
     cropped = normalize_intensity(plan.to_cropped(image), card.intensity)
     model_image = plan.to_model(cropped)
 
