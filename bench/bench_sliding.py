@@ -95,14 +95,21 @@ def time_and_compare(args) -> None:
     from SegHiResCAMLib.windows import SlidingWindow
 
     torch.set_num_threads(args.threads)
-    model = nnunet_default_unet(args.patch)
     shape = tuple(int(v) for v in args.volume.split(","))
     image = ct_like(shape)
     window = SlidingWindow((args.patch,) * 3)
-    layer = args.layer or f"decoder.stages.{len(model.decoder.stages) - 1}"
-    print(f"## 1. nnU-Net-default U-Net (PlainConvUNet, features {model.encoder.output_channels}), patch {args.patch}^3, "
-          f"volume {shape} ({np.prod(shape) / 1e6:.1f} M voxels; a 512x512x300 CT at 1.5 mm is about 273x273x160), "
-          f"layer {layer}, {args.threads} CPU threads")
+    if args.model == "demo":
+        from SegHiResCAMLib.models.loading import load_model
+
+        loaded = load_model(DEMO)
+        model, layer = loaded.module, args.layer or loaded.card.default_layer
+        title = "demo 3D U-Net (features 8, 16, 32)"
+    else:
+        model = nnunet_default_unet(args.patch)
+        layer = args.layer or f"decoder.stages.{len(model.decoder.stages) - 1}"
+        title = f"nnU-Net-default U-Net (PlainConvUNet, features {model.encoder.output_channels})"
+    print(f"## 1. {title}, patch {args.patch}^3, volume {shape} ({np.prod(shape) / 1e6:.1f} M voxels; a 512x512x300 "
+          f"CT at 1.5 mm is about 273x273x160), layer {layer}, {args.threads} CPU threads")
     with torch.no_grad():
         probe = torch.zeros(1, 1, *window.patch_size)
         _, one = timed(model, probe)
@@ -246,6 +253,7 @@ def mixed_precision(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("nnunet", "demo"), default="nnunet", help="the network of section 1")
     parser.add_argument("--patch", type=int, default=96)
     parser.add_argument("--volume", default="144,144,96", help="K,J,I of the volume for section 1")
     parser.add_argument("--layer", default=None, help="default: the last decoder stage (nnU-Net cards' default)")

@@ -127,14 +127,17 @@ def main() -> None:
     if not (results / "fold_1" / "checkpoint_final.pth").is_file():
         if not (work / "raw" / DATASET).is_dir():
             write_dataset(work / "raw")
-        extract_fingerprints([900], num_processes=1, check_dataset_integrity=True)
-        plan_experiments([900])
-        small_plans(work / "preprocessed")
-        preprocess([900], configurations=("3d_fullres",), num_processes=(1,))
+        if not (work / "preprocessed" / DATASET / "nnUNetPlans_3d_fullres").is_dir():
+            extract_fingerprints([900], num_processes=1, check_dataset_integrity=True)
+            plan_experiments([900])
+            small_plans(work / "preprocessed")
+            preprocess([900], configurations=("3d_fullres",), num_processes=(1,))
         plans = json.loads((work / "preprocessed" / DATASET / "nnUNetPlans.json").read_text())
         dataset_json = json.loads((work / "raw" / DATASET / "dataset.json").read_text())
         for fold in (0, 1):
-            trainer = nnUNetTrainer_1epoch(plans, "3d_fullres", fold, dataset_json, device=torch.device("cpu"))
+            # nnU-Net's run_training puts this flag into the plans, and the trainer takes it out again
+            trainer = nnUNetTrainer_1epoch({**plans, "continue_training": False}, "3d_fullres", fold, dataset_json,
+                                           device=torch.device("cpu"))
             trainer.num_epochs = args.epochs
             trainer.num_iterations_per_epoch = args.iterations
             trainer.num_val_iterations_per_epoch = 2

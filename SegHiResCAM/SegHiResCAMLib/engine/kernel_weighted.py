@@ -77,7 +77,8 @@ def kernel_weighted_detailed(model: nn.Module, image, *, layer: str, target_clas
     started = time.perf_counter()
     if hasattr(model, "forward_capturing"):
         raise LayerError("Kernel-Weighted Contribution zeroes channels with forward hooks, which this model "
-                         "(TorchScript) does not accept; use a Python model or another method")
+                         "(TorchScript, or an nnU-Net ensemble of folds) does not accept; use a Python model (for "
+                         "nnU-Net, one fold's fold_N folder) or another method")
     check_layers(model, [layer])
     samples, roi_t, layout = _arrange(_image_tensor(image, model), roi, spatial_dims, slice_axis)
     run_device = resolve_device(device)
