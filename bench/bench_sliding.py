@@ -165,7 +165,7 @@ else:
     model = nnunet_default_unet(case["patch"]); layer = case["layer"]; divisible = 16; classes = 3
 shape = tuple(case["shape"])
 image = ct_like(shape) if np.prod(shape) < 5e7 else np.random.default_rng(0).standard_normal((1, *shape), dtype=np.float32)
-window = SlidingWindow(tuple(case["window"])) if case.get("window") else None
+window = SlidingWindow(tuple(case["window"]), step=case.get("step", 0.5)) if case.get("window") else None
 estimate = None
 if case["mode"] == "windows":
     estimate = estimate_windows(model, image.shape, layers=[layer], classes=classes, window=window,
@@ -211,12 +211,12 @@ def memory(args) -> None:
                                                                        shape=shape, window=[args.patch] * 3,
                                                                        mode="windows")),
         ("demo 3D U-Net, one pass over 160^3", dict(model="demo", shape=[160, 160, 160], mode="whole")),
-        ("demo 3D U-Net, windows 128^3 over 256^3", dict(model="demo", shape=[256, 256, 256], window=[128] * 3,
-                                                          mode="windows")),
+        ("demo 3D U-Net, windows 128^3 (step 1) over 256x256x200", dict(model="demo", shape=[256, 256, 200],
+                                                                         window=[128] * 3, step=1.0, mode="windows")),
     ]
     if not args.skip_demo:
-        cases.append(("demo 3D U-Net, windows 128^3 over 512x512x400", dict(model="demo", shape=[512, 512, 400],
-                                                                          window=[128] * 3, mode="windows")))
+        cases.append(("demo 3D U-Net, windows 128^3 (step 1) over 512x512x400",
+                      dict(model="demo", shape=[512, 512, 400], window=[128] * 3, step=1.0, mode="windows")))
     for name, case in cases:
         result = child(case, args.threads)
         if "error" in result:

@@ -236,10 +236,11 @@ class _Runner:
         """``step`` over consecutive batches of ``items``; CUDA out-of-memory halves the batch."""
         if not items:
             return
-        size = self.batch_size or fitting_count(self.model, self.window_input(items[0][0], ())[None].to(self.device),
-                                                len(items), factor=2)
+        if self.batch_size is None:  # sized once (one probe forward), for every stage of the run
+            probe = self.window_input(items[0][0], ())[None].to(self.device)
+            self.batch_size = fitting_count(self.model, probe, len(items), factor=2)
         try:
-            in_chunks(len(items), size, self.device, lambda index: step([items[int(i)] for i in index]))
+            in_chunks(len(items), self.batch_size, self.device, lambda index: step([items[int(i)] for i in index]))
         except RuntimeError as error:
             if self.device.type == "cuda" and is_out_of_memory(error):
                 raise _GpuExhausted() from error
