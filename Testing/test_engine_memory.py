@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from SegHiResCAMLib.engine.memory import (MemoryEstimate, estimate_whole_volume, estimate_windows,
+from SegHiResCAMLib.engine.memory import (RUNTIME_BYTES, MemoryEstimate, auto_window, estimate_whole_volume, estimate_windows,
                                           step_peak_bytes)
 from SegHiResCAMLib.windows import SlidingWindow
 
@@ -56,3 +56,19 @@ def test_the_estimate_says_whether_it_fits_and_how_much():
     assert fits.fits and not too_big.fits
     assert fits.describe() == "about 2.0 GB of 8.0 GB available on the CPU"
     assert too_big.describe() == "about 17.2 GB of 8.0 GB available on the GPU (cuda:0)"
+
+
+def test_auto_keeps_the_cards_tiling_else_the_whole_volume_else_the_largest_window_that_fits():
+    model = wide_net()
+    kwargs = dict(layers=["2"], classes=2, device="cpu")
+    card = SlidingWindow((24, 24, 24))
+    assert auto_window(model, (1, 64, 64, 64), card_window=card, **kwargs)[0] == card
+    window, estimate = auto_window(model, (1, 64, 64, 64), budget_bytes=2**40, **kwargs)
+    assert window is None and estimate.per_sample_bytes > 0
+    budget = RUNTIME_BYTES + (estimate.peak_bytes - RUNTIME_BYTES) // 2  # half of what one pass needs
+    window, estimate = auto_window(model, (1, 64, 64, 64), budget_bytes=budget, **kwargs)
+    assert window is not None and window.patch_size in {(32, 32, 32), (16, 16, 16)}
+    assert estimate.peak_bytes <= budget
+    larger = SlidingWindow(tuple(2 * s for s in window.patch_size))
+    if larger.patch_size[0] < 64:  # the next size down from the one that did not fit
+        assert estimate_windows(model, (1, 64, 64, 64), window=larger, **kwargs).peak_bytes > budget

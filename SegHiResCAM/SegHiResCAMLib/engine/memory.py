@@ -193,3 +193,38 @@ def estimate_windows(model: nn.Module, image_shape: Sequence[int], *, layers: Se
     volume = 4 * voxels * planes
     return MemoryEstimate(per_batch + volume + RUNTIME_BYTES, available_bytes(resolved), str(resolved), sample,
                           volume)
+
+
+def auto_window(model: nn.Module, image_shape: Sequence[int], *, layers: Sequence[str], classes: int,
+                card_window: SlidingWindow | None = None, methods: int = 1, divisible_by: int = 1,
+                device: str = "auto", budget_bytes: int | None = None) -> tuple[SlidingWindow | None, MemoryEstimate]:
+    """What "auto" runs: the card's own tiling if it has one; else the whole volume when its estimate
+    fits; else the largest cubic window (a multiple of ``divisible_by``, halving from the image's size)
+    whose estimate fits. The estimate comes back too, so a caller can show it, or refuse with it when
+    even the smallest window does not fit (``fits`` is then False).
+
+    ``budget_bytes`` replaces the usable share of the device's free memory (for tests and callers
+    that reserve memory of their own).
+    """
+    kwargs = dict(layers=layers, classes=classes, methods=methods, divisible_by=divisible_by, device=device)
+
+    def fits(estimate: MemoryEstimate) -> bool:
+        return estimate.fits if budget_bytes is None else estimate.peak_bytes <= budget_bytes
+
+    if card_window is not None:
+        return card_window, estimate_windows(model, image_shape, window=card_window, **kwargs)
+    whole = estimate_whole_volume(model, image_shape, **kwargs)
+    if fits(whole):
+        return None, whole
+    spatial = [int(s) for s in image_shape[1:]]
+    step = max(int(divisible_by), 1)
+    edge = max(step, min(spatial) // step * step)
+    smallest = max(step, -(-16 // step) * step)
+    chosen = None
+    while True:
+        window = SlidingWindow((edge,) * len(spatial))
+        estimate = estimate_windows(model, image_shape, window=window, **kwargs)
+        chosen = (window, estimate)
+        if fits(estimate) or edge <= smallest:
+            return chosen
+        edge = max(smallest, (edge // 2) // step * step)
