@@ -175,22 +175,32 @@ def estimate_whole_volume(model: nn.Module, image_shape: Sequence[int], *, layer
 
 def estimate_windows(model: nn.Module, image_shape: Sequence[int], *, layers: Sequence[str], classes: int,
                      window: SlidingWindow, methods: int = 1, batch_size: int = 1, default_region: bool = True,
-                     divisible_by: int = 1, device: str = "auto") -> MemoryEstimate:
+                     target: str = "logits", divisible_by: int = 1, device: str = "auto") -> MemoryEstimate:
     """Peak memory of a sliding-window explanation of ``image_shape`` ``(C, *spatial)``.
 
-    ``batch_size`` windows run at once; ``default_region`` (the fused prediction's region) adds the
-    fused logits, which a given region with the logits target does not need.
+    ``batch_size`` windows run at once. The volume-sized planes follow the run's phases: the
+    prediction (the weights' sum D and the fused logits, with the default region or the threshold
+    target), the target's share (one class for logits, every class for the threshold target),
+    the explanation (D, the share, the stitched maps), the end (the maps, their ReLU'd and
+    normalised copies); the largest phase counts.
     """
     resolved = resolve_device(device)
     channels, spatial = int(image_shape[0]), tuple(int(s) for s in image_shape[1:])
-    padded = [max(s, p) for s, p in zip(spatial[-len(window.patch_size):], window.patch_size)]
-    voxels = math.prod(spatial[: len(spatial) - len(window.patch_size)]) * math.prod(padded)
+    dims = len(window.patch_size)
+    padded = [max(s, p) for s, p in zip(spatial[len(spatial) - dims:], window.patch_size)]
+    voxels = math.prod(spatial[: len(spatial) - dims]) * math.prod(padded)
     sample = _scaled_sample_bytes(model, channels, window.patch_size, layers, methods, divisible_by, resolved)
     per_batch = sample * max(1, int(batch_size))  # a batch holds windows, or flips of windows
-    # padded input; weights' sum; region and its share; stitched maps and the copies handed back;
-    # with a default region the fused logits and their target gradient (all classes at worst)
-    planes = channels + 3 + 2 * methods * len(layers) + (2 * classes if default_region else 0)
-    volume = 4 * voxels * planes
+    padded_copy = channels if tuple(padded) != spatial[len(spatial) - dims:] else 0
+    predicted = classes if (default_region or target != "logits") else 0
+    share = 1 if target == "logits" else classes
+    maps = methods * len(layers)
+    phases = (
+        padded_copy + 1 + predicted + share + 0.25,  # prediction done, share computed (0.25: a bool mask)
+        padded_copy + 1 + share + maps,  # explanation pass
+        maps + 2,  # the end: ReLU'd and normalised copies of one method's map
+    )
+    volume = int(4 * voxels * max(phases))
     return MemoryEstimate(per_batch + volume + RUNTIME_BYTES, available_bytes(resolved), str(resolved), sample,
                           volume)
 
