@@ -156,3 +156,15 @@ def test_predict_with_the_cards_window_runs_the_ensemble_over_windows(tmp_path):
     fused = predict(loaded.module, image, sliding_window=window, device="cpu")
     each = [predict(n, image, sliding_window=window, device="cpu") for n in networks]
     np.testing.assert_allclose(fused, (each[0] + each[1]) / 2, rtol=0, atol=16 * EPS32 * np.abs(fused).max())
+
+
+def test_windows_tile_the_unpadded_image_as_nnunet_does(tmp_path):
+    card = load_model(write_nnunet_folder(tmp_path, nnunet_network(), spacing=(1.0, 1.0, 1.0))).card
+    volume = Volume(blob_image((13, 18, 10), seed=8)[0] * 100.0 + 50.0, np.eye(4))
+    padded = prepare_input(volume, card)
+    unpadded = prepare_input(volume, card, pad_to_divisible=False)
+    assert unpadded.image.shape == (1, 10, 13, 18)  # transposed (2, 0, 1), nothing added
+    assert padded.image.shape == (1, 12, 16, 20)  # multiples of 4
+    np.testing.assert_array_equal(padded.image[:, :10, :13, :18], unpadded.image)
+    heat = np.arange(unpadded.image[0].size, dtype=np.float32).reshape(unpadded.image.shape[1:])
+    np.testing.assert_array_equal(unpadded.heatmap_to_volume(heat), heat.transpose(1, 2, 0))
