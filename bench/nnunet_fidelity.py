@@ -104,7 +104,8 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", type=Path, default=None, help="keep nnU-Net's folders here (default: a temp folder)")
-    parser.add_argument("--iterations", type=int, default=150, help="training iterations per epoch")
+    parser.add_argument("--iterations", type=int, default=150,
+                        help="training iterations per epoch; 0 keeps nnU-Net's initial weights (no training)")
     parser.add_argument("--epochs", type=int, default=2)
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="nnunet-fidelity-"))
@@ -136,18 +137,31 @@ def main() -> None:
         dataset_json = json.loads((work / "raw" / DATASET / "dataset.json").read_text())
         for fold in (0, 1):
             # nnU-Net's run_training puts this flag into the plans, and the trainer takes it out again
+            torch.manual_seed(fold)
             trainer = nnUNetTrainer_1epoch({**plans, "continue_training": False}, "3d_fullres", fold, dataset_json,
                                            device=torch.device("cpu"))
+            if args.iterations == 0:  # nnU-Net's own initialisation (He), saved as nnU-Net saves a checkpoint
+                trainer.initialize()
+                Path(trainer.output_folder).mkdir(parents=True, exist_ok=True)
+                (Path(trainer.output_folder_base) / "plans.json").write_text(json.dumps(plans, indent=1))
+                (Path(trainer.output_folder_base) / "dataset.json").write_text(json.dumps(dataset_json, indent=1))
+                trainer.save_checkpoint(str(Path(trainer.output_folder) / "checkpoint_final.pth"))
+                continue
             trainer.num_epochs = args.epochs
             trainer.num_iterations_per_epoch = args.iterations
             trainer.num_val_iterations_per_epoch = 2
             trainer.run_training()
-    print(f"nnU-Net planned, preprocessed and trained 2 folds in {time.perf_counter() - started:.0f} s "
-          f"({args.epochs} x {args.iterations} iterations each)")
+    what = "initialised (not trained)" if args.iterations == 0 else f"trained ({args.epochs} x {args.iterations} iterations)"
+    print(f"nnU-Net planned, preprocessed and {what} 2 folds in {time.perf_counter() - started:.0f} s")
 
     test_path = work / "test_0000.nii.gz"
     anisotropic_test_image(test_path)
 
+    # nnU-Net finds the trainer class by importing every trainer module, some of which import timm and
+    # torchvision (absent or broken beside a CPU torch): name the one used here directly
+    import nnunetv2.inference.predict_from_raw_data as predict_module
+
+    predict_module.recursive_find_trainer_class_by_name = lambda name: nnUNetTrainer_1epoch
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
                                 perform_everything_on_device=False, device=torch.device("cpu"), verbose=False,
                                 allow_tqdm=False)
