@@ -471,3 +471,14 @@ def test_a_volume_eight_times_the_window_explains_in_about_one_windows_memory():
     assert eight_windows <= bound, (one_window, eight_windows, whole_volume)
     # the bound is far below what one pass over the whole volume needs, so it measures the windowing
     assert whole_volume > 2 * bound, (one_window, eight_windows, whole_volume)
+
+
+def test_the_sliding_window_settings_import_without_torch_or_numpy():
+    import subprocess
+    import sys
+
+    code = ("import sys; from SegHiResCAMLib.windows import SlidingWindow, window_for_card; "
+            "SlidingWindow((8, 8)).to_dict(); "
+            "assert 'torch' not in sys.modules and 'numpy' not in sys.modules, sorted(sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
