@@ -215,7 +215,7 @@ def main() -> None:
     difference = np.abs(ours_logits - theirs).max(0)
     print(f"  |ours - nnU-Net's| where the weights' sum >= 1: max {difference[total >= 1].max():.3g}, "
           f"99.9th percentile {np.quantile(difference, 0.999):.3g}, median {np.median(difference):.3g}; "
-          f"largest where the sum < 1 ({(total < 1).mean():.1%} of the voxels, the image's corners): "
+          f"largest where the sum < 1 ({(total < 1).mean():.1%} of the voxels: far from every window centre, where float16 is subnormal): "
           f"{difference[total < 1].max() if (total < 1).any() else 0:.3g}")
     ours_seg = np.stack([prepared.heatmap_to_volume(channel) for channel in ours_logits]).argmax(0)
     names = card.class_names
