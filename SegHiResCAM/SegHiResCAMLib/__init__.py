@@ -31,6 +31,7 @@ _LAZY = {
     "Volume": "volume",
     "SlidingWindow": "windows",
     "predict": "engine.sliding_window",
+    "show": "evaluation.viewer",
 }
 
 __all__ = sorted(_LAZY)
