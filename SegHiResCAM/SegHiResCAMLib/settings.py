@@ -214,18 +214,24 @@ class DisplaySettings:
         show_3d: also show the heatmap with volume rendering in the 3D view.
         output_name: the name of a new heatmap node; None = the default name
             (``mrml.heatmap_display.heatmap_node_name``).
+        color_legend: show the heatmap's colour bar in the slice views that show it.
+        side_by_side: with several methods, lay out one linked slice view per heatmap
+            (``mrml.compare_views``); with one method it changes nothing.
     """
 
     opacity: float = 0.5
     lower_threshold: float = 0.2
     show_3d: bool = False
     output_name: str | None = None
+    color_legend: bool = True
+    side_by_side: bool = False
 
     def __post_init__(self) -> None:
         _set(self, "opacity", _fraction("opacity", self.opacity))
         _set(self, "lower_threshold", _fraction("lower_threshold", self.lower_threshold))
-        if not isinstance(self.show_3d, bool):
-            raise InputError(f"show_3d must be true or false, got {self.show_3d!r}")
+        for name in ("show_3d", "color_legend", "side_by_side"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.output_name is not None and (not isinstance(self.output_name, str) or not self.output_name.strip()):
             raise InputError(f"output_name must be a non-empty name or None (the default name), got {self.output_name!r}")
 
