@@ -85,7 +85,7 @@ DEVICE_CHOICES: tuple[Choice, ...] = (
 
 #: Region kinds: which voxels m(p) the target sums over.
 REGION_CHOICES: tuple[Choice, ...] = (
-    Choice("mask", "A segment or region file", "the user's region: a segment, or a label or weight file"),
+    Choice("mask", "A segment", "the user's region: a segment, or a label or weight file"),
     Choice("prediction", "The model's prediction", "where the model predicts the class"),
     Choice("whole-image", "The whole image", "every voxel of the image (never the padding added for the model)"),
     Choice("point", "The prediction at a point",

@@ -78,10 +78,12 @@ class LayersResult:
     default_layers: tuple[str, ...]
     example_shape: tuple[int, ...]
     layers: tuple[Any, ...]
+    in_channels: int = 1
 
     def event(self) -> dict[str, Any]:
         """The fields of the worker's "result" event (each layer as a JSON object)."""
         return {"model": self.model, "spatial_dims": self.spatial_dims, "class_names": list(self.class_names),
+                "in_channels": self.in_channels,
                 "default_layers": list(self.default_layers), "example_shape": list(self.example_shape),
                 "layers": [_jsonable(asdict(info)) for info in self.layers]}
 
@@ -192,7 +194,8 @@ def _list_layers(request: LayersRequest) -> LayersResult:
     shape = card.example_shape(request.size)
     with _step("listing the layers"):
         infos = list_layers(loaded.module, shape)
-    return LayersResult(card.name, card.spatial_dims, card.class_names, card.layers, tuple(shape), tuple(infos))
+    return LayersResult(card.name, card.spatial_dims, card.class_names, card.layers, tuple(shape), tuple(infos),
+                        card.in_channels)
 
 
 def _warning_relay(warn: WarnCallback | None) -> WarnCallback:
