@@ -29,6 +29,7 @@ _LAZY = {
     "LoadedModel": "models.loading",
     "ModelCard": "models.card",
     "Volume": "volume",
+    "show": "evaluation.viewer",
 }
 
 __all__ = sorted(_LAZY)
