@@ -778,7 +778,8 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.progressBar.value = 0
             self.ui.progressBar.format = _("starting the worker (%p%)")
             self.ui.statusLabel.text = _("Running...")
-        for section in (self.ui.inputsCollapsibleButton, self.ui.regionCollapsibleButton, self.ui.methodCollapsibleButton):
+        sections = (self.ui.inputsCollapsibleButton, self.ui.regionCollapsibleButton, self.ui.methodCollapsibleButton)
+        for section in sections:
             section.enabled = not running
         if not running:
             self._checkCanApply()
@@ -926,7 +927,8 @@ class SegHiResCAMLogic(ScriptedLoadableModuleLogic):
         if not self.torchAvailable():
             return [(name, _("(install PyTorch to see shapes)")) for name in recommended], None, channels
         if self.modelCodeToTrust(modelPath) is not None:  # never run untrusted code just to list layers
-            return [(name, _("(shapes appear once the model's code is trusted)")) for name in recommended], None, channels
+            untrusted = _("(shapes appear once the model's code is trusted)")
+            return [(name, untrusted) for name in recommended], None, channels
         job = LayersJob(modelPath, python_executable=self.pythonExecutable(), temp_root=slicer.app.temporaryPath)
         job.start()
         return None, job, channels
