@@ -201,14 +201,14 @@ def run_explain(args: argparse.Namespace) -> int:
 
 
 def run_layers(args: argparse.Namespace) -> int:
-    from .engine.layers import list_layers
+    from .engine.layers import list_layers, probe_shape
     from .worker.main import load_model_for
 
     loaded = load_model_for(args.model, trust_code=args.trust_code)
     card = loaded.card
     if args.size < 1:
         raise InputError(f"--size must be a positive number of voxels, got {args.size}")
-    shape = card.example_shape(args.size)
+    shape = probe_shape(loaded.module, card.example_shape(args.size))
     infos = list_layers(loaded.module, shape)
     default = card.default_layer
     _print(f"# {card.name}: {card.spatial_dims}D, classes {', '.join(f'{i}={n}' for i, n in enumerate(card.class_names))}")

@@ -1,0 +1,475 @@
+"""Programs saved with torch.export (.pt2): explained like their eager modules, from every door.
+
+Oracles: the eager module the program was exported from, explained by the same engine (maps of
+every method), and an out-of-place recomputation of the in-place network (activations and
+gradients). Tolerances: the program runs the same ATen kernels as the eager module, on the same
+device, in the same order, so maps normalised to 1 may differ only by a kernel's own choice of
+summation order; 1e-5 is the issue's bound (the measured difference here is 0), and 1e-6 for raw
+activations and gradients of order 1, as for TorchScript.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from engine_nets import LocalNet, inplace_unet, unet
+from model_kinds import blob_image
+from torch import nn
+
+from SegHiResCAMLib import explain, list_layers
+from SegHiResCAMLib.cli import main
+from SegHiResCAMLib.engine.capture import forward_with_activations
+from SegHiResCAMLib.engine.explain import METHOD_NAMES
+from SegHiResCAMLib.errors import InputError, LayerError, ModelError, UnsafeModelError
+from SegHiResCAMLib.io.images import read_image, write_image
+from SegHiResCAMLib.models.card import ModelCard
+from SegHiResCAMLib.models.exported import ExportedModel
+from SegHiResCAMLib.models.exporting import export_model
+from SegHiResCAMLib.models.loading import LoadedModel, code_to_trust, load_model
+from SegHiResCAMLib.pipeline import explain_volume
+from SegHiResCAMLib.volume import Volume
+
+ATOL_MAP, ATOL_RAW = 1e-5, 1e-6
+EXPORT_SHAPES = {2: (32, 32), 3: (16, 16, 16)}
+OTHER_SHAPES = {2: (24, 40), 3: (8, 12, 16)}  # sizes the export never saw: dynamic shapes at work
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2d", "3d"])
+def exported_unet(request, tmp_path_factory):
+    """(dims, eager U-Net with batch norm and skips, its .pt2 loaded through load_model)."""
+    dims = request.param
+    eager = unet(dims)
+    card = ModelCard(name="unet", spatial_dims=dims, class_names=("bg", "a", "b"), layers=("decoder.0",))
+    path = export_model(eager, torch.zeros(1, 1, *EXPORT_SHAPES[dims]),
+                        tmp_path_factory.mktemp(f"unet{dims}") / "unet.pt2", card=card)
+    return dims, eager, load_model(path)
+
+
+@pytest.fixture(scope="module")
+def small_program(tmp_path_factory) -> Path:
+    """A small .pt2 with dynamic sizes (so it holds symbolic size expressions) to tamper with."""
+    return export_model(LocalNet(2).eval(), torch.zeros(1, 1, 12, 12),
+                        tmp_path_factory.mktemp("small") / "small.pt2")
+
+
+def predicted_class(model: nn.Module, image: np.ndarray, dims: int | None = None) -> int:
+    """The class the (untrained) model predicts most often on ``image``: its region is never empty."""
+    x = torch.from_numpy(image)
+    x = x[None] if dims is None else x.movedim(1, 0)  # 2D model over a volume: slices as the batch
+    with torch.no_grad():
+        return int(torch.bincount(model(x).argmax(1).flatten()).argmax())
+
+
+# ----------------------------------------------------------------------------- explaining
+
+@pytest.mark.parametrize("layer", ["bottleneck", "decoder.1.conv.4"])
+def test_every_method_gives_the_eager_modules_map_on_sizes_the_export_never_saw(exported_unet, layer):
+    dims, eager, loaded = exported_unet
+    assert loaded.kind == "exported-program" and isinstance(loaded.module, ExportedModel)
+    image = blob_image(OTHER_SHAPES[dims], seed=3)
+    target = predicted_class(eager, image)
+    for method in METHOD_NAMES:
+        expected = explain(eager, image, layer=layer, target_class=target, method=method, device="cpu")
+        got = explain(loaded.module, image, layer=layer, target_class=target, method=method, device="cpu")
+        assert expected.max() > 0, method
+        np.testing.assert_allclose(got, expected, rtol=0, atol=ATOL_MAP, err_msg=method)
+
+
+def test_layer_lists_regions_and_targets_give_the_eager_maps(exported_unet):
+    dims, eager, loaded = exported_unet
+    image = blob_image(OTHER_SHAPES[dims], seed=4)
+    roi = np.zeros(OTHER_SHAPES[dims], bool)
+    roi[(slice(2, 6),) * dims] = True
+    target = predicted_class(eager, image)
+    for options in ({"layer": ["decoder.0", "decoder.1"]}, {"layer": "decoder.0", "roi": roi},
+                    {"layer": "decoder.1", "target": "probability-threshold", "threshold": 0.3}):
+        expected = explain(eager, image, target_class=target, device="cpu", **options)
+        got = explain(loaded.module, image, target_class=target, device="cpu", **options)
+        assert expected.max() > 0
+        np.testing.assert_allclose(got, expected, rtol=0, atol=ATOL_MAP)
+
+
+def test_a_2d_program_explains_a_volume_slice_by_slice_like_the_eager_module(exported_unet):
+    dims, eager, loaded = exported_unet
+    if dims != 2:
+        pytest.skip("2D models only")
+    for axis, image in ((0, blob_image((5, 24, 40), seed=5)), (2, blob_image((24, 40, 6), seed=6))):
+        target = predicted_class(eager, np.moveaxis(image, 1 + axis, 1), dims=2)
+        expected = explain(eager, image, layer="decoder.0", target_class=target, spatial_dims=2, slice_axis=axis,
+                           device="cpu")
+        got = explain(loaded.module, image, layer="decoder.0", target_class=target, spatial_dims=2, slice_axis=axis,
+                      device="cpu")
+        assert expected.max() > 0
+        np.testing.assert_allclose(got, expected, rtol=0, atol=ATOL_MAP)
+
+
+def test_a_module_called_twice_is_refused_with_the_eager_models_message(exported_unet):
+    dims, eager, loaded = exported_unet
+    image = blob_image(EXPORT_SHAPES[dims])
+    with pytest.raises(LayerError) as eager_error:
+        explain(eager, image, layer="pool", target_class=1, device="cpu")
+    with pytest.raises(LayerError) as exported_error:
+        explain(loaded.module, image, layer="pool", target_class=1, device="cpu")
+    assert "more than once" in str(exported_error.value)
+    assert str(exported_error.value) == str(eager_error.value)
+
+
+def test_layers_are_the_eager_modules_with_their_types_and_output_shapes(exported_unet):
+    dims, eager, loaded = exported_unet
+    shape = (1, 1, *OTHER_SHAPES[dims])
+    eager_layers = list_layers(eager, shape)
+    exported_layers = list_layers(loaded.module, shape)
+    assert [info.name for info in exported_layers] == [info.name for info in eager_layers]
+    called = {info.name: (info.type, info.output_shape) for info in eager_layers if info.output_shape}
+    assert {info.name: (info.type, info.output_shape) for info in exported_layers if info.output_shape} == called
+    assert called["decoder.1.conv.1"][0] == f"BatchNorm{dims}d" and called["decoder.0"][0] == "UpBlock"
+
+
+def test_parameters_and_buffers_keep_their_names_and_values(exported_unet):
+    dims, eager, loaded = exported_unet
+    ours = dict(loaded.module.state_dict())
+    theirs = eager.state_dict()
+    assert sorted(ours) == sorted(theirs)
+    for name, value in theirs.items():
+        torch.testing.assert_close(ours[name], value, rtol=0, atol=0)
+
+
+def test_the_card_beside_the_program_and_what_the_program_says_make_the_model_card(exported_unet):
+    dims, _, loaded = exported_unet
+    card = loaded.card
+    assert card.class_names == ("bg", "a", "b") and card.default_layer == "decoder.0"
+    # the card beside says divisible_by=1, the program's guards say 4 (two poolings): the program wins
+    assert card.spatial_dims == dims and card.in_channels == 1 and card.divisible_by == 4
+    assert code_to_trust(loaded.source) is None
+
+
+def test_the_program_is_left_as_found(exported_unet):
+    dims, _, loaded = exported_unet
+    module = loaded.module
+    flags = {name: p.requires_grad for name, p in module.named_parameters()}
+    image = blob_image(EXPORT_SHAPES[dims])
+    target = predicted_class(module, image)
+    explain(module, image, layer="bottleneck", target_class=target, device="cpu", method="kernel-weighted-contribution")
+    explain(module, image, layer="bottleneck", target_class=target, device="cpu")
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in module.modules())
+    assert all(p.grad is None for p in module.parameters())
+    assert flags == {name: p.requires_grad for name, p in module.named_parameters()}
+    assert not module.training
+
+
+# ----------------------------------------------------------------------------- in place, batch norm
+
+@pytest.fixture(scope="module")
+def exported_inplace(tmp_path_factory):
+    eager = inplace_unet(2)
+    path = export_model(eager, torch.zeros(1, 1, 16, 16), tmp_path_factory.mktemp("inplace") / "inplace.pt2")
+    return eager, load_model(path).module
+
+
+def out_of_place(model, x: torch.Tensor, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """InplaceUNet's forward written out of place; the layer's output is a leaf. (activation, output)."""
+    functional = torch.nn.functional
+    values = {}
+
+    def at(name: str, value: torch.Tensor) -> torch.Tensor:
+        if name == layer:
+            value = value.detach().requires_grad_()
+        values[name] = value
+        return value
+
+    skip = at("enc", functional.relu(at("enc.1", model.enc[1](model.enc[0](x)))))
+    up = at("up", model.up(model.mid(model.pool(skip))))
+    dec = at("dec", model.dec(up + skip))
+    output = model.head(at("act", functional.leaky_relu(dec, 0.1)))
+    return values[layer], output
+
+
+@pytest.mark.parametrize("layer", ["enc.1", "enc", "up", "dec", "act"])
+def test_in_place_operations_after_the_layer_change_neither_its_activation_nor_its_gradient(exported_inplace, layer):
+    eager, module = exported_inplace
+    x = torch.from_numpy(blob_image((16, 24), seed=7))[None]
+    target = predicted_class(eager, x[0].numpy())
+    want_activation, want_output = out_of_place(eager, x, layer)
+    output, (activation,) = forward_with_activations(module, x, [layer])
+    torch.testing.assert_close(output, want_output, rtol=0, atol=ATOL_RAW)
+    torch.testing.assert_close(activation, want_activation, rtol=0, atol=ATOL_RAW)
+    roi = torch.zeros_like(output[0, target])
+    roi[3:9, 5:15] = 1.0
+    (gradient,) = torch.autograd.grad((output[:, target] * roi).sum(), [activation])
+    (want_gradient,) = torch.autograd.grad((want_output[:, target] * roi).sum(), [want_activation])
+    assert want_gradient.abs().max() > 0
+    torch.testing.assert_close(gradient, want_gradient, rtol=0, atol=ATOL_RAW)
+    # Every layer here is at full resolution: the signed Seg-HiRes-Grad CAM is sum_k G_k A_k itself.
+    # (The eager engine cannot explain 'act': its in-place result is discarded, so what its hook
+    # captures is not what the head reads; the functional program has no such ambiguity.)
+    want_map = (want_gradient * want_activation).sum(1)[0]
+    got_map = explain(module, x[0].numpy(), layer=layer, target_class=target, roi=roi.numpy(), device="cpu",
+                      relu=False, normalize=False)
+    np.testing.assert_allclose(got_map, want_map.detach().numpy(), rtol=0,
+                               atol=ATOL_RAW * max(1.0, float(want_map.abs().max())))
+
+
+def test_batch_norm_of_a_program_exported_in_eval_mode_is_the_eager_eval_forward(exported_unet):
+    dims, eager, loaded = exported_unet
+    x = torch.from_numpy(blob_image(OTHER_SHAPES[dims], seed=8))[None]
+    with torch.no_grad():
+        eval_output = eager(x)
+        batch_statistics = unet(dims).train()(x)  # a fresh copy: a training forward changes running stats
+        got = loaded.module(x)
+    assert (batch_statistics - eval_output).abs().max() > 0.1  # the running statistics matter here
+    torch.testing.assert_close(got, eval_output, rtol=0, atol=ATOL_RAW)
+
+
+def test_programs_exported_in_training_mode_are_refused_with_what_to_do(tmp_path):
+    x = torch.from_numpy(blob_image((16, 16), seed=9))[None].repeat(2, 1, 1, 1)
+    batch_norm = torch.export.export(unet(2).train(), (x,))
+    # What torch itself would run: the batch's own statistics, and the running averages overwritten.
+    before = batch_norm.state_dict["encoder.0.1.running_mean"].clone()
+    with torch.no_grad():
+        assert (batch_norm.module()(x) - unet(2).eval()(x)).abs().max() > 0.1
+    assert (batch_norm.state_dict["encoder.0.1.running_mean"] - before).abs().max() > 0
+    torch.export.save(batch_norm, str(tmp_path / "bn_train.pt2"))
+    with pytest.raises(ModelError, match=r"updates its buffers.*training mode; call model.eval\(\)"):
+        load_model(tmp_path / "bn_train.pt2")
+
+    torch.manual_seed(0)
+    dropout = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Dropout(0.5), nn.Conv2d(4, 2, 1))
+    torch.export.save(torch.export.export(dropout.train(), (x,)), str(tmp_path / "dropout_train.pt2"))
+    with pytest.raises(ModelError, match=r"draws random numbers.*training mode"):
+        load_model(tmp_path / "dropout_train.pt2")
+    torch.export.save(torch.export.export(dropout.eval(), (x,)), str(tmp_path / "dropout_eval.pt2"))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "dropout_eval.pt2").module(x), dropout(x), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- static shapes
+
+def test_a_static_program_explains_its_shape_and_refuses_others_naming_the_shape_it_needs(tmp_path):
+    eager = unet(2)
+    torch.export.save(torch.export.export(eager, (torch.zeros(1, 1, 24, 32),)), str(tmp_path / "static.pt2"))
+    loaded = load_model(tmp_path / "static.pt2")
+    module = loaded.module
+    assert module.input_shape.fixed == (1, 1, 24, 32) and module.batch_limit == 1
+    assert loaded.card.spatial_dims == 2 and loaded.card.name == "static"
+    image = blob_image((24, 32), seed=10)
+    target = predicted_class(eager, image)
+    expected = explain(eager, image, layer="decoder.0", target_class=target, device="cpu")
+    assert expected.max() > 0
+    np.testing.assert_allclose(explain(module, image, layer="decoder.0", target_class=target, device="cpu"),
+                               expected, rtol=0, atol=ATOL_MAP)
+    with pytest.raises(InputError, match=r"1 x 1 x 24 x 40 .*it accepts 1 x 1 x 24 x 32"):
+        explain(module, blob_image((24, 40)), layer="decoder.0", target_class=target, device="cpu")
+    # layers are probed at the one shape the program takes, whatever size is asked for
+    infos = {info.name: info.output_shape for info in list_layers(module, (1, 1, 64, 64))}
+    assert infos["bottleneck"] == (1, 16, 6, 8) and infos["head"] == (1, 3, 24, 32)
+    # a volume, slice by slice: the engine's slice batches respect the program's batch of one
+    volume = blob_image((5, 24, 32), seed=11)
+    target = predicted_class(eager, volume, dims=2)
+    expected = explain(eager, volume, layer="bottleneck", target_class=target, spatial_dims=2, device="cpu")
+    got = explain(module, volume, layer="bottleneck", target_class=target, spatial_dims=2, device="cpu")
+    assert expected.max() > 0
+    np.testing.assert_allclose(got, expected, rtol=0, atol=ATOL_MAP)
+
+
+def test_guards_recorded_at_export_are_checked_before_the_program_runs(exported_unet):
+    dims, _, loaded = exported_unet
+    odd = (1, 1, *([18] * dims))  # 18 is no multiple of 4: the two poolings need one
+    with pytest.raises(InputError, match=r"input\.size\(\)\[2\].*recorded when it was exported.*multiple of 4"):
+        loaded.module(torch.zeros(odd))
+
+
+# ----------------------------------------------------------------------------- safety
+
+def _rewrite(source: Path, target: Path, edit) -> None:
+    """Copy a .pt2 archive, passing each member (name inside the archive, bytes) through ``edit``."""
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w") as new:
+        for info in old.infolist():
+            new.writestr(info, edit(info.filename.split("/", 1)[1], old.read(info.filename)))
+
+
+class _OpensAFile:
+    """Unpickling this creates the file: a stand-in for any code a pickle can run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+def _pickle_that_opens(path: Path) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(_OpensAFile(path), buffer)
+    return buffer.getvalue()
+
+
+def _example_inputs(marker):
+    return lambda name, data: _pickle_that_opens(marker) if name == "data/sample_inputs/model.pt" else data
+
+
+def _size_expression(marker):
+    def edit(name, data):
+        if name != "models/model.json":
+            return data
+        text = data.decode()
+        assert "Symbol('s" in text
+        return text.replace("Symbol('s", f"(open({str(marker)!r}, 'w') and Symbol)('s", 1).encode()
+
+    return edit
+
+
+def _shape_guard(marker):
+    def edit(name, data):
+        if name != "models/model.json":
+            return data
+        program = json.loads(data)
+        program["guards_code"] = [*program.get("guards_code", []), f"open({str(marker)!r}, 'w') is not None"]
+        return json.dumps(program).encode()
+
+    return edit
+
+
+def _pickled_weight(marker):
+    def edit(name, data):
+        if name == "data/weights/model_weights_config.json":
+            config = json.loads(data)
+            first = next(iter(config["config"].values()))
+            first["use_pickle"] = True
+            return json.dumps(config).encode()
+        if name == "data/weights/weight_0":
+            return _pickle_that_opens(marker)
+        return data
+
+    return edit
+
+
+@pytest.mark.parametrize("edit, why", [
+    (_example_inputs, "example inputs that need full unpickling"),
+    (_size_expression, "size expression that is not plain arithmetic"),
+    (_shape_guard, "shape guard that is not plain size arithmetic"),
+    (_pickled_weight, "pickled Python object"),
+], ids=["example-inputs", "size-expression", "shape-guard", "pickled-weight"])
+def test_archives_that_would_run_their_code_are_refused_before_torch_reads_them(small_program, tmp_path, edit, why):
+    marker = tmp_path / "code-ran"
+    evil = tmp_path / "evil.pt2"
+    _rewrite(small_program, evil, edit(marker))
+    # torch itself runs it (torch.export.load; the guard when run_decompositions builds module())
+    with contextlib.suppress(Exception):
+        torch.export.load(str(evil)).run_decompositions(decomp_table={})
+    assert marker.exists(), "the tampered archive no longer reaches torch's code path; update this test"
+    marker.unlink()
+    with pytest.raises(UnsafeModelError, match=why):
+        load_model(evil)
+    assert not marker.exists()
+
+
+def test_archives_with_compiled_native_code_are_refused(small_program, tmp_path):
+    native = tmp_path / "native.pt2"
+    _rewrite(small_program, native, lambda name, data: data)
+    with zipfile.ZipFile(native, "a") as archive:
+        root = archive.namelist()[0].split("/", 1)[0]
+        archive.writestr(f"{root}/data/aotinductor/model/model.so", b"\x7fELF")
+    with pytest.raises(UnsafeModelError, match="compiled native code"):
+        load_model(native)
+
+
+def test_a_program_is_recognised_by_its_content_and_a_non_archive_named_pt2_is_refused(small_program, tmp_path):
+    renamed = tmp_path / "model.pt"
+    renamed.write_bytes(small_program.read_bytes())
+    assert load_model(renamed).kind == "exported-program"
+    (tmp_path / "notes.pt2").write_text("not a model")
+    with pytest.raises(ModelError, match="not a torch.export archive"):
+        load_model(tmp_path / "notes.pt2")
+
+
+class _Branches(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 2, 1), nn.Conv2d(1, 2, 3, padding=1)
+
+    def forward(self, x):
+        return torch.cond(x.sum() > 0, self.a, self.b, (x,))
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 1)
+
+    def forward(self, x, y):
+        return self.conv(x) + y
+
+
+@pytest.mark.parametrize("model, inputs, why", [
+    (_Branches(), (torch.ones(1, 1, 4, 4),), "uses cond"),
+    (_TwoInputs(), (torch.ones(1, 1, 4, 4), torch.ones(1, 2, 4, 4)), "takes 2 inputs"),
+], ids=["control-flow", "two-inputs"])
+def test_programs_the_engine_cannot_explain_are_refused_saying_why(tmp_path, model, inputs, why):
+    torch.export.save(torch.export.export(model.eval(), inputs), str(tmp_path / "p.pt2"))
+    with pytest.raises(ModelError, match=why):
+        load_model(tmp_path / "p.pt2")
+
+
+# ----------------------------------------------------------------------------- doors
+
+def _volume(path: Path, shape=(16, 20, 24)) -> Volume:
+    """An anisotropic, off-origin volume written to ``path`` and read back."""
+    ijk_to_ras = np.diag([1.2, 0.9, 2.0, 1.0])
+    ijk_to_ras[:3, 3] = [30.0, -10.0, 5.0]
+    write_image(Volume(blob_image(shape, seed=12)[0] * 100.0, ijk_to_ras), path)
+    return read_image(path)
+
+
+def test_command_line_lists_and_explains_a_pt2_like_its_eager_module(exported_unet, tmp_path, capsys):
+    dims, eager, loaded = exported_unet
+    if dims != 3:
+        pytest.skip("one command-line run is enough")
+    volume = _volume(tmp_path / "image.nrrd")
+    out = tmp_path / "heat.nrrd"
+    code = main(["explain", "--image", str(tmp_path / "image.nrrd"), "--model", str(loaded.source), "--class", "a",
+                 "--out", str(out), "--device", "cpu", "--method", "seg-grad-cam"])
+    assert code == 0, capsys.readouterr().err
+    eager_loaded = LoadedModel(module=eager, card=loaded.card, source=loaded.source, kind="state-dict")
+    maps, _ = explain_volume(eager_loaded, volume, target_class=1, methods=("seg-grad-cam",), device="cpu")
+    heat = read_image(out)
+    np.testing.assert_allclose(heat.ijk_to_ras, volume.ijk_to_ras, atol=1e-6)
+    assert maps["seg-grad-cam"].array.max() > 0
+    np.testing.assert_allclose(heat.array, maps["seg-grad-cam"].array, rtol=0, atol=ATOL_MAP)
+
+
+def test_command_line_lists_the_layers_of_a_pt2_with_types_and_shapes(small_program, capsys):
+    assert main(["layers", "--model", str(small_program), "--size", "10"]) == 0
+    listing = capsys.readouterr().out
+    assert "# small: 2D" in listing and "input of 1x1x10x10" in listing
+    rows = {line.split()[0]: line.split()[1:] for line in listing.splitlines() if not line.startswith("#")}
+    assert rows["features.0"] == ["Conv2d", "1x6x10x10"] and rows["features"] == ["Sequential", "1x6x10x10"]
+    assert rows["head"] == ["Conv2d", "1x2x10x10"]
+
+
+def test_the_worker_explains_a_pt2_like_its_eager_module(exported_unet, tmp_path):
+    from SegHiResCAMLib.worker.main import main as worker_main
+    from SegHiResCAMLib.worker.protocol import Request, parse_event
+
+    dims, eager, loaded = exported_unet
+    if dims != 3:
+        pytest.skip("one worker run is enough")
+    volume = _volume(tmp_path / "image.nrrd", shape=(12, 14, 9))
+    request = Request(image=str(tmp_path / "image.nrrd"), model=str(loaded.source), output=str(tmp_path / "heat.nrrd"),
+                      layer="bottleneck", target_class=2, device="cpu")
+    (tmp_path / "request.json").write_text(request.to_json(), encoding="utf-8")
+    stream = io.StringIO()
+    assert worker_main([str(tmp_path / "request.json")], stdout=stream) == 0, stream.getvalue()
+    events = [parse_event(line) for line in stream.getvalue().splitlines()]
+    assert events[-1]["event"] == "result"
+    eager_loaded = LoadedModel(module=eager, card=loaded.card, source=loaded.source, kind="state-dict")
+    maps, _ = explain_volume(eager_loaded, volume, target_class=2, layer="bottleneck", device="cpu")
+    assert maps["seg-hires-grad-cam"].array.max() > 0
+    np.testing.assert_allclose(read_image(tmp_path / "heat.nrrd").array, maps["seg-hires-grad-cam"].array,
+                               rtol=0, atol=ATOL_MAP)
