@@ -249,6 +249,26 @@ def test_programs_exported_in_training_mode_are_refused_with_what_to_do(tmp_path
         torch.testing.assert_close(load_model(tmp_path / "dropout_eval.pt2").module(x), dropout(x), rtol=0, atol=0)
 
 
+class _MakesATensor(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x) + torch.ones(1, 2, 1, 1, device=x.device)  # export records device='cpu'
+
+
+def test_tensors_the_program_creates_follow_the_model_to_another_device():
+    """No GPU here: the 'meta' device stands in for CUDA (torch.export's own module fails the same way)."""
+    program = torch.export.export(_MakesATensor().eval(), (torch.zeros(1, 1, 8, 8),))
+    module = ExportedModel(program)
+    torch.testing.assert_close(module(torch.ones(1, 1, 8, 8)), program.module()(torch.ones(1, 1, 8, 8)), rtol=0, atol=0)
+    x = torch.zeros(1, 1, 8, 8, device="meta")
+    with pytest.raises(RuntimeError, match="not on the expected device"):
+        program.module().to("meta")(x)
+    assert module.to("meta")(x).device.type == "meta"
+
+
 # ----------------------------------------------------------------------------- static shapes
 
 def test_a_static_program_explains_its_shape_and_refuses_others_naming_the_shape_it_needs(tmp_path):

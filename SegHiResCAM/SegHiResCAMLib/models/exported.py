@@ -122,20 +122,20 @@ class ExportedModel(nn.Module):
                              f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from error
         _check_calls(functional.graph, name)
         _check_inference_program(functional, name)
-        signature = functional.graph_signature
+        kinds = [spec.kind.name for spec in functional.graph_signature.input_specs]
         placeholders = [node for node in functional.graph.nodes if node.op == "placeholder"]
-        user = [i for i, spec in enumerate(signature.input_specs) if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT]
-        self.input_shape = InputShape(placeholders[user[0]], functional.range_constraints,
+        # the guards of the program as loaded: torch keeps the file's (the decomposed copy re-derives its own)
+        self.input_shape = InputShape(placeholders[kinds.index("USER_INPUT")], functional.range_constraints,
                                       getattr(program, "_guards_code", []) or [], name)
         graph = fx.Graph()
-        outputs = graph.graph_copy(functional.graph, {})
-        graph.output(outputs)
+        graph.output(graph.graph_copy(functional.graph, {}))
         calls = _module_calls(graph)
         self._build_tree(functional, calls)
         self._sources = self._register_state(functional)
         _insert_stand_ins(graph, calls)
         graph.lint()
-        self._graphs: dict[str, fx.GraphModule] = {"cpu": fx.GraphModule(self, graph)}
+        self._graph = graph
+        self._runners: dict[str, fx.GraphModule] = {}
         self._output_index = _first_user_output(functional, name)
         self.to("cpu")
 
@@ -144,7 +144,9 @@ class ExportedModel(nn.Module):
         kinds: dict[str, str] = {}
         for path, kind, _ in calls.values():
             kinds.setdefault(path, kind)
-        paths = [entry.fqn for entry in program.module_call_graph if entry.fqn] + sorted(kinds)
+        # module_call_graph lists the original modules in definition order, also those never called
+        paths = [entry.fqn for entry in program.module_call_graph if entry.fqn and "@" not in entry.fqn]
+        paths += sorted(kinds)
         for path in paths:
             self._module_at(path, kinds.get(path, "Module"))
 
@@ -198,20 +200,20 @@ class ExportedModel(nn.Module):
         return self.input_shape.accepted(shape)
 
     # -------------------------------------------------------------- running
-    def _graph_on(self, device: torch.device) -> fx.GraphModule:
-        """The graph with the devices it creates tensors on moved to ``device`` (as torch's
-        ``move_to_device_pass`` does), built once per device."""
+    def _runner(self, device: torch.device) -> fx.GraphModule:
+        """The graph, with the device of every tensor it creates set to ``device`` (as torch's
+        ``move_to_device_pass`` does: export records the device it ran on), compiled once per device."""
         key = str(device)
-        if key not in self._graphs:
+        if key not in self._runners:
             graph = fx.Graph()
-            graph.output(graph.graph_copy(self._graphs["cpu"].graph, {}))
+            graph.output(graph.graph_copy(self._graph, {}))
             for node in graph.nodes:
                 if node.kwargs.get("device") is not None:
                     node.kwargs = {**node.kwargs, "device": device}
                 if node.target is torch.ops.aten.to.device:
                     node.args = (node.args[0], device, *node.args[2:])
-            self._graphs[key] = fx.GraphModule(self, graph)
-        return self._graphs[key]
+            self._runners[key] = fx.GraphModule(self, graph)
+        return self._runners[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Run the program on ``x`` (shape checked first) and return its output."""
@@ -220,7 +222,7 @@ class ExportedModel(nn.Module):
         inputs = [x if owner is None else (owner._parameters.get(leaf) if leaf in owner._parameters
                                              else owner._buffers[leaf])
                   for owner, leaf in self._sources]
-        return self._graph_on(x.device)(*inputs)[self._output_index]
+        return self._runner(x.device)(*inputs)[self._output_index]
 
 
 def _type_name(kind) -> str:
