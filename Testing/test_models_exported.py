@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -209,10 +210,10 @@ def test_in_place_operations_after_the_layer_change_neither_its_activation_nor_i
     # Every layer here is at full resolution: the signed Seg-HiRes-Grad CAM is sum_k G_k A_k itself.
     # (The eager engine cannot explain 'act': its in-place result is discarded, so what its hook
     # captures is not what the head reads; the functional program has no such ambiguity.)
-    want_map = (want_gradient * want_activation).sum(1)[0]
+    want_map = (want_gradient * want_activation).sum(1)[0].detach()
     got_map = explain(module, x[0].numpy(), layer=layer, target_class=target, roi=roi.numpy(), device="cpu",
                       relu=False, normalize=False)
-    np.testing.assert_allclose(got_map, want_map.detach().numpy(), rtol=0,
+    np.testing.assert_allclose(got_map, want_map.numpy(), rtol=0,
                                atol=ATOL_RAW * max(1.0, float(want_map.abs().max())))
 
 
@@ -269,6 +270,29 @@ def test_tensors_the_program_creates_follow_the_model_to_another_device():
     assert module.to("meta")(x).device.type == "meta"
 
 
+def test_an_nnunet_network_with_in_place_activations_and_modules_under_two_names_explains_like_eager(tmp_path):
+    pytest.importorskip("dynamic_network_architectures")
+    from model_kinds import nnunet_network
+
+    eager = nnunet_network()  # LeakyReLU(inplace=True), instance norm, conv/norm also held in all_modules
+    module = load_model(export_model(eager, torch.zeros(1, 1, 16, 16, 16), tmp_path / "nnunet.pt2")).module
+    # torch.export records the name each module was called by (all_modules.0); the stand-ins are shared
+    # as in the original model, so the names are the eager ones, except for the parameter-free
+    # activation, whose two names nothing in the program ties together
+    eager_names = [name for name, _ in eager.named_modules()]
+    names = [name for name, _ in module.named_modules()]
+    assert [n for n in names if n not in eager_names] == [n.replace("nonlin", "all_modules.2")
+                                                          for n in eager_names if n.endswith("convs.0.nonlin")]
+    image = blob_image((16, 16, 16), seed=13)
+    target = predicted_class(eager, image)
+    for layer in ("encoder.stages.1.0.convs.0.conv", "decoder.stages.0"):
+        for method in ("seg-hires-grad-cam", "seg-grad-cam"):
+            expected = explain(eager, image, layer=layer, target_class=target, method=method, device="cpu")
+            assert expected.max() > 0
+            np.testing.assert_allclose(explain(module, image, layer=layer, target_class=target, method=method,
+                                               device="cpu"), expected, rtol=0, atol=ATOL_MAP)
+
+
 # ----------------------------------------------------------------------------- static shapes
 
 def test_a_static_program_explains_its_shape_and_refuses_others_naming_the_shape_it_needs(tmp_path):
@@ -314,24 +338,28 @@ def _rewrite(source: Path, target: Path, edit) -> None:
             new.writestr(info, edit(info.filename.split("/", 1)[1], old.read(info.filename)))
 
 
-class _OpensAFile:
-    """Unpickling this creates the file: a stand-in for any code a pickle can run."""
+class _MakesAFolder:
+    """Unpickling this makes the folder: a stand-in for any code a pickle can run."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
     def __reduce__(self):
-        return open, (str(self.path), "w")
+        return os.mkdir, (str(self.path),)
 
 
-def _pickle_that_opens(path: Path) -> bytes:
+def _pickle_that_runs(path: Path) -> bytes:
     buffer = io.BytesIO()
-    torch.save(_OpensAFile(path), buffer)
+    torch.save(_MakesAFolder(path), buffer)
     return buffer.getvalue()
 
 
+def _python_that_runs(path: Path) -> str:
+    return f"__import__('os').mkdir({str(path)!r})"
+
+
 def _example_inputs(marker):
-    return lambda name, data: _pickle_that_opens(marker) if name == "data/sample_inputs/model.pt" else data
+    return lambda name, data: _pickle_that_runs(marker) if name == "data/sample_inputs/model.pt" else data
 
 
 def _size_expression(marker):
@@ -340,7 +368,7 @@ def _size_expression(marker):
             return data
         text = data.decode()
         assert "Symbol('s" in text
-        return text.replace("Symbol('s", f"(open({str(marker)!r}, 'w') and Symbol)('s", 1).encode()
+        return text.replace("Symbol('s", f"({_python_that_runs(marker)} or Symbol)('s", 1).encode()
 
     return edit
 
@@ -350,7 +378,7 @@ def _shape_guard(marker):
         if name != "models/model.json":
             return data
         program = json.loads(data)
-        program["guards_code"] = [*program.get("guards_code", []), f"open({str(marker)!r}, 'w') is not None"]
+        program["guards_code"] = [*program.get("guards_code", []), f"{_python_that_runs(marker)} is None"]
         return json.dumps(program).encode()
 
     return edit
@@ -364,7 +392,7 @@ def _pickled_weight(marker):
             first["use_pickle"] = True
             return json.dumps(config).encode()
         if name == "data/weights/weight_0":
-            return _pickle_that_opens(marker)
+            return _pickle_that_runs(marker)
         return data
 
     return edit
@@ -384,7 +412,7 @@ def test_archives_that_would_run_their_code_are_refused_before_torch_reads_them(
     with contextlib.suppress(Exception):
         torch.export.load(str(evil)).run_decompositions(decomp_table={})
     assert marker.exists(), "the tampered archive no longer reaches torch's code path; update this test"
-    marker.unlink()
+    marker.rmdir()
     with pytest.raises(UnsafeModelError, match=why):
         load_model(evil)
     assert not marker.exists()

@@ -15,6 +15,7 @@ refused by the same check as in a Python model.
 
 from __future__ import annotations
 
+import bisect
 import math
 import operator
 from collections.abc import Sequence
@@ -146,9 +147,17 @@ class ExportedModel(nn.Module):
             kinds.setdefault(path, kind)
         # module_call_graph lists the original modules in definition order, also those never called
         paths = [entry.fqn for entry in program.module_call_graph if entry.fqn and "@" not in entry.fqn]
-        paths += sorted(kinds)
+        paths += sorted(set(kinds) - set(paths))
+        aliases = _module_aliases(program, paths)
         for path in paths:
-            self._module_at(path, kinds.get(path, "Module"))
+            if path in aliases:  # one module under two names: one stand-in, as named_modules() shows it once
+                canonical = self._module_at(aliases[path], kinds.get(path, "Module"))
+                parent_path, _, leaf = path.rpartition(".")
+                parent = self._module_at(parent_path) if parent_path else self
+                if leaf not in parent._modules:
+                    parent.add_module(leaf, canonical)
+            else:
+                self._module_at(path, kinds.get(path, "Module"))
 
     def _module_at(self, path: str, kind: str = "Module") -> nn.Module:
         module: nn.Module = self
@@ -223,6 +232,39 @@ class ExportedModel(nn.Module):
                                              else owner._buffers[leaf])
                   for owner, leaf in self._sources]
         return self._runner(x.device)(*inputs)[self._output_index]
+
+
+def _module_aliases(program: torch.export.ExportedProgram, paths: Sequence[str]) -> dict[str, str]:
+    """Module paths that name one module of the original model (``nn.Sequential(self.conv, ...)``,
+    a decoder holding its encoder): alias -> the first name in definition order.
+
+    torch.export keeps a parameter entry per name, pointing at one storage; two paths are taken as
+    one module when they and their descendants (by relative name) hold the same storages.
+    """
+    own: dict[str, list[tuple]] = {}
+    for spec in program.graph_signature.input_specs:
+        if spec.kind.name == "USER_INPUT" or not spec.target:
+            continue
+        value = program.state_dict.get(spec.target, program.constants.get(spec.target))
+        if isinstance(value, torch.Tensor) and value.numel() > 0:
+            owner, _, leaf = spec.target.rpartition(".")
+            own.setdefault(owner, []).append((leaf, value.untyped_storage().data_ptr(), value.storage_offset(),
+                                              tuple(value.shape), tuple(value.stride()), str(value.dtype)))
+    ordered = sorted(paths)
+    first: dict[tuple, str] = {}
+    aliases: dict[str, str] = {}
+    for path in paths:
+        # the descendants of "a.b" sort between "a.b." and "a.b/" ("/" follows ".")
+        inside = ordered[bisect.bisect_left(ordered, path + "."):bisect.bisect_left(ordered, path + "/")]
+        signature = (tuple(sorted(own.get(path, []))),
+                     tuple(sorted((p[len(path):], tuple(sorted(own.get(p, [])))) for p in inside)))
+        if not signature[0] and not any(tensors for _, tensors in signature[1]):
+            continue  # nothing to recognise it by
+        if signature in first and not path.startswith(first[signature] + "."):
+            aliases[path] = first[signature]
+        else:
+            first.setdefault(signature, path)
+    return aliases
 
 
 def _type_name(kind) -> str:
