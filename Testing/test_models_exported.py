@@ -418,6 +418,37 @@ def test_archives_that_would_run_their_code_are_refused_before_torch_reads_them(
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("text, safe", [
+    ("Mul(Integer(4), FloorDiv(Symbol('s53', positive=True, integer=True), Integer(4)))", True),
+    ("Max(Integer(1), Pow(Symbol('s0', integer=True), Integer(2)))", True),
+    ("Add(Integer(-1), Float('1.5', precision=53))", True),
+    ("Symbol('s0').__class__", False),                      # attribute access
+    ("Mul('__import__(\"os\")')", False),                  # a string sympy would parse again
+    ("Symbol('s0') + eval('1')", False),                    # operators and other calls
+    ("Pow(Integer(10), Integer(1000000000000))", False),    # arithmetic that never ends
+    ("Pow(Integer(2), Pow(Integer(2), Integer(64)))", False),
+])
+def test_size_expressions_pass_only_as_sympy_arithmetic(text, safe):
+    from SegHiResCAMLib.models.exported_archive import is_safe_sympy_text
+
+    assert is_safe_sympy_text(text) is safe
+
+
+@pytest.mark.parametrize("guard, safe", [
+    ("L['x'].size()[2] == (4*(L['x'].size()[2] // 4))", True),
+    ("(max(1, L['x'].size()[3] // 2)*max(1, L['x'].size()[2] // 2)) != 1", True),
+    ("(L['x'].size()[3] // 4) >= 1 and L['x'].stride()[0] >= 1 and L['x'].storage_offset() == 0", True),
+    ("L['x'].size.__self__ is None", False),
+    ("__import__('os').getcwd() is None", False),
+    ("L['x'].numpy() is None", False),                      # tensor methods other than size/stride
+    ("L['x'].size()[2] ** 10 ** 10 == 1", False),
+])
+def test_shape_guards_pass_only_as_size_arithmetic(guard, safe):
+    from SegHiResCAMLib.models.exported_archive import parse_guard
+
+    assert (parse_guard(guard) is not None) is safe
+
+
 def test_archives_with_compiled_native_code_are_refused(small_program, tmp_path):
     native = tmp_path / "native.pt2"
     _rewrite(small_program, native, lambda name, data: data)

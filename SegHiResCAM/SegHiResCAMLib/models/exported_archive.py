@@ -56,13 +56,17 @@ _SYMPY_FUNCTIONS = frozenset({
     "Identity", "PowByNatural", "FloatPow", "LShift", "RShift", "IsNonOverlappingAndDenseIndicator",
 })
 _SYMPY_CONSTANTS = frozenset({"oo", "zoo", "nan", "true", "false", "S"})
+_POWERS = frozenset({"Pow", "PowByNatural", "FloatPow", "LShift", "RShift"})
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _NUMBER = re.compile(r"^[-+]?[0-9.]+(e[-+]?[0-9]+)?$", re.IGNORECASE)
 
-# Python that ``torch.export`` writes into ``guards_code`` (ShapeGuardPythonPrinter).
+# Python that ``torch.export`` writes into ``guards_code`` (ShapeGuardPythonPrinter); no ``**``,
+# which could make even plain arithmetic run for ever.
 _GUARD_OPERATORS = (ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.Not, ast.USub, ast.UAdd,
-                    ast.BinOp, ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow,
+                    ast.BinOp, ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod,
                     ast.Compare, ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.Load)
+# sympy's srepr is calls only: Mul(Integer(4), Symbol('s0', integer=True)), and Integer(-1).
+_SYMPY_NODES = (ast.Expression, ast.Call, ast.Name, ast.Constant, ast.keyword, ast.UnaryOp, ast.USub, ast.Load)
 GUARD_FUNCTIONS = frozenset({"max", "min", "abs", "int", "float"})
 GUARD_MATH_FUNCTIONS = frozenset({"floor", "ceil", "trunc", "sqrt"})
 GUARD_TENSOR_METHODS = frozenset({"size", "stride", "storage_offset"})
@@ -197,7 +201,8 @@ def _values_of(data: Any, key: str) -> Iterator[Any]:
 
 def is_safe_sympy_text(text: Any) -> bool:
     """True when ``text`` is a sympy ``srepr`` of size arithmetic: calls of known sympy classes on
-    numbers, size-symbol names and each other, nothing that ``sympify`` could run as other Python."""
+    numbers, size-symbol names and each other, nothing that ``sympify`` could run as other Python
+    (no attribute, no operator but unary minus, strings only as a Symbol's name or a Float's digits)."""
     if not isinstance(text, str):
         return False
     try:
@@ -216,15 +221,30 @@ def is_safe_sympy_text(text: Any) -> bool:
                         return False
             if any(k.arg is None or not isinstance(k.value, ast.Constant) for k in node.keywords):
                 return False
+            if node.func.id in _POWERS and len(node.args) == 2 and not _small_exponent(node.args[1]):
+                return False  # Pow(Integer(10), Integer(10**12)) is arithmetic that never ends
+        elif isinstance(node, ast.Constant) and isinstance(node.value, int) and abs(node.value) > 2**64:
+            return False
         elif isinstance(node, ast.Name):
             if id(node) not in callees and node.id not in _SYMPY_CONSTANTS:
                 return False
         elif isinstance(node, ast.Constant):
             if not isinstance(node.value, (int, float, bool, str)):
                 return False
-        elif not isinstance(node, (*_GUARD_OPERATORS, ast.keyword, ast.BitAnd, ast.BitOr, ast.Invert)):
+        elif not isinstance(node, _SYMPY_NODES):
             return False
     return True
+
+
+def _small_exponent(node: ast.AST) -> bool:
+    """An exponent sympy can evaluate at once: a size symbol, or an integer up to 64."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("Symbol", "Integer"):
+        if node.func.id == "Symbol":
+            return True
+        node = node.args[0] if node.args else node
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        node = node.operand
+    return isinstance(node, ast.Constant) and isinstance(node.value, int) and abs(node.value) <= 64
 
 
 def parse_guard(text: str) -> ast.Expression | None:
