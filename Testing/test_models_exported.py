@@ -24,7 +24,7 @@ from engine_nets import LocalNet, inplace_unet, unet
 from model_kinds import blob_image
 from torch import nn
 
-from SegHiResCAMLib import explain, list_layers
+from SegHiResCAMLib import explain, explain_detailed, list_layers
 from SegHiResCAMLib.cli import main
 from SegHiResCAMLib.engine.capture import forward_with_activations
 from SegHiResCAMLib.engine.explain import METHOD_NAMES
@@ -76,11 +76,11 @@ def test_every_method_gives_the_eager_modules_map_on_sizes_the_export_never_saw(
     assert loaded.kind == "exported-program" and isinstance(loaded.module, ExportedModel)
     image = blob_image(OTHER_SHAPES[dims], seed=3)
     target = predicted_class(eager, image)
+    expected = explain_detailed(eager, image, layer=layer, target_class=target, methods=METHOD_NAMES, device="cpu")
+    got = explain_detailed(loaded.module, image, layer=layer, target_class=target, methods=METHOD_NAMES, device="cpu")
     for method in METHOD_NAMES:
-        expected = explain(eager, image, layer=layer, target_class=target, method=method, device="cpu")
-        got = explain(loaded.module, image, layer=layer, target_class=target, method=method, device="cpu")
-        assert expected.max() > 0, method
-        np.testing.assert_allclose(got, expected, rtol=0, atol=ATOL_MAP, err_msg=method)
+        assert expected.maps[method].max() > 0, method
+        np.testing.assert_allclose(got.maps[method], expected.maps[method], rtol=0, atol=ATOL_MAP, err_msg=method)
 
 
 def test_layer_lists_regions_and_targets_give_the_eager_maps(exported_unet):
@@ -457,6 +457,18 @@ def test_archives_with_compiled_native_code_are_refused(small_program, tmp_path)
         archive.writestr(f"{root}/data/aotinductor/model/model.so", b"\x7fELF")
     with pytest.raises(UnsafeModelError, match="compiled native code"):
         load_model(native)
+
+
+def test_archives_with_files_outside_their_top_folder_are_refused(small_program, tmp_path):
+    """torch.export.load falls back to the older layout (files at the root, read with pickle fallbacks)."""
+    mixed = tmp_path / "mixed.pt2"
+    _rewrite(small_program, mixed, lambda name, data: data)
+    with zipfile.ZipFile(mixed, "a") as archive:
+        archive.writestr("version", b"8.20")
+        archive.writestr("serialized_state_dict.pt", _pickle_that_runs(tmp_path / "code-ran"))
+    with pytest.raises(ModelError, match="one top folder"):
+        load_model(mixed)
+    assert not (tmp_path / "code-ran").exists()
 
 
 def test_a_program_is_recognised_by_its_content_and_a_non_archive_named_pt2_is_refused(small_program, tmp_path):

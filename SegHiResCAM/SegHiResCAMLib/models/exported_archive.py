@@ -14,7 +14,9 @@ the file along these paths (``torch/export/pt2_archive/_package.py``, ``torch/_e
   the text as Python (``_parse_sym_expr``);
 - the shape guards (``guards_code``) are Python source that ``ExportedProgram.module()`` compiles
   with ``exec`` (``_convert_guards_code_to_fn``); ``run_decompositions`` calls ``module()``;
-- ``load_pt2`` loads AOTInductor packages (``data/aotinductor/``): compiled shared libraries.
+- ``load_pt2`` loads AOTInductor packages (``data/aotinductor/``): compiled shared libraries;
+- when ``load_pt2`` fails, ``torch.export.load`` reads the older layout (``version``,
+  ``serialized_state_dict.pt``, ... at the archive's root) through ``deserialize_torch_artifact``.
 
 What it cannot do: graph nodes may only call operators that torch's verifier accepts (ATen and
 other registered operators, higher-order operators, a fixed list of ``operator``/``math``
@@ -22,8 +24,9 @@ builtins), resolved by name from ``torch``, ``operator`` and ``math``; names it 
 stay strings and are refused. Tensor data itself is read as raw bytes.
 
 So this module refuses, before torch reads anything, every archive that would take one of the
-code paths above: pickled payloads, native code, example inputs that need full unpickling, and
-expressions or guards outside the small grammar that ``torch.export`` itself writes. What
+code paths above: pickled payloads, native code, example inputs that need full unpickling,
+expressions or guards outside the small grammar that ``torch.export`` itself writes, and any file
+outside the one top folder that ``torch.export.save`` writes (so the older layout is never read). What
 passes is plain JSON, raw tensor bytes and arithmetic on tensor sizes.
 """
 
