@@ -1,0 +1,86 @@
+"""Which exported programs SegHiResCAM runs: ATen operators and size arithmetic only, in eval
+mode (no buffer updates, no random numbers), one image in, a tensor (or a list starting with one) out."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+
+from ..errors import ModelError
+
+# What a program may call besides ATen operators: the size arithmetic torch's verifier allows.
+_SIZE_ARITHMETIC = frozenset({
+    operator.getitem, operator.add, operator.mul, operator.sub, operator.truediv, operator.floordiv,
+    operator.mod, operator.pow, operator.neg, operator.pos, operator.abs, operator.eq, operator.ne,
+    operator.le, operator.ge, operator.lt, operator.gt, operator.and_, operator.or_, operator.not_,
+    operator.lshift, operator.rshift, round, torch.sym_int, torch.sym_float, torch.sym_ite, torch.sym_max,
+    torch.sym_min, torch.sym_not, torch.sym_sqrt,
+})
+
+
+def check_calls(graph: fx.Graph, name: str) -> None:
+    """Refuse graphs that call anything but ATen operators and size arithmetic (checked before
+    ``run_decompositions`` traces the graph, which calls each target)."""
+    for node in graph.nodes:  # control flow first: its branches are get_attr nodes
+        if node.op == "call_function" and isinstance(node.target, torch._ops.HigherOrderOperator):
+            raise ModelError(f"the exported program {name} uses {node.target.name()} (control flow, or a block run "
+                             "without gradients), which SegHiResCAM cannot look into; export the network without it")
+    for node in graph.nodes:
+        if node.op in ("call_module", "call_method", "get_attr"):
+            raise ModelError(f"the exported program {name} has a {node.op} node ({node.target}); SegHiResCAM runs "
+                             "programs made of ATen operators only (torch.export.export without torch.cond or "
+                             "other control flow)")
+        if node.op != "call_function":
+            continue
+        target = node.target
+        if isinstance(target, torch._ops.OpOverload):
+            if target.namespace != "aten" or target is torch.ops.aten.from_file.default:
+                raise ModelError(f"the exported program {name} calls {target}, which is not an ATen tensor operator "
+                                 "SegHiResCAM runs; export the network without custom operators")
+        elif target not in _SIZE_ARITHMETIC:
+            raise ModelError(f"the exported program {name} calls {getattr(target, '__name__', target)}, which is not "
+                             "an ATen operator; SegHiResCAM runs programs made of ATen operators only")
+
+
+def check_inference_program(program: torch.export.ExportedProgram, name: str) -> None:
+    """Refuse programs that change their own state or draw random numbers when they run."""
+    from torch.export.graph_signature import InputKind, OutputKind
+
+    training_hint = ("it was exported in training mode; call model.eval() before torch.export.export "
+                     "(SegHiResCAMLib.models.exporting.export_model does)")
+    kinds = {spec.kind for spec in program.graph_signature.output_specs}
+    if OutputKind.BUFFER_MUTATION in kinds:
+        raise ModelError(f"the exported program {name} updates its buffers when it runs (batch norm statistics): "
+                         f"{training_hint}")
+    odd = kinds - {OutputKind.USER_OUTPUT, OutputKind.USER_INPUT_MUTATION}
+    if odd:
+        raise ModelError(f"the exported program {name} returns {', '.join(sorted(k.name for k in odd))}: it is not "
+                         "an inference program; export the model's forward in eval mode")
+    inputs = [spec for spec in program.graph_signature.input_specs if spec.kind == InputKind.USER_INPUT]
+    if len(inputs) != 1 or not isinstance(inputs[0].arg, torch.export.graph_signature.TensorArgument):
+        raise ModelError(f"the exported program {name} takes {len(inputs)} inputs; SegHiResCAM explains programs "
+                         "that take one image tensor (batch, channels, *spatial)")
+    other = {spec.kind for spec in program.graph_signature.input_specs} - {
+        InputKind.USER_INPUT, InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR}
+    if other:
+        raise ModelError(f"the exported program {name} takes {', '.join(sorted(k.name for k in other))} inputs "
+                         "(script objects or effect tokens), which SegHiResCAM does not run")
+    for node in program.graph.nodes:
+        if isinstance(node.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in node.target.tags:
+            raise ModelError(f"the exported program {name} draws random numbers ({node.target}, e.g. dropout): "
+                             f"{training_hint}")
+
+
+def first_user_output(program: torch.export.ExportedProgram, name: str) -> int:
+    """Index, among the graph's outputs, of the model's output (the first of a tuple or list)."""
+    from torch.export.graph_signature import OutputKind
+
+    spec = program.call_spec.out_spec
+    if spec is not None and not spec.is_leaf():
+        if spec.type not in (tuple, list) or not spec.children_specs or not spec.children_specs[0].is_leaf():
+            raise ModelError(f"the exported program {name} returns a {getattr(spec.type, '__name__', spec.type)}; "
+                             "a segmentation model must return a tensor (or a list whose first entry is one)")
+    kinds = [s.kind for s in program.graph_signature.output_specs]
+    return kinds.index(OutputKind.USER_OUTPUT)
