@@ -122,6 +122,40 @@ def test_a_module_called_twice_is_refused_with_the_eager_models_message(exported
     assert str(exported_error.value) == str(eager_error.value)
 
 
+class _Pair(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y, -y
+
+
+class _UsesBoth(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pair, self.head = _Pair(), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.cat(self.pair(x), 1))
+
+
+def test_a_module_returning_several_tensors_is_refused_with_the_eager_models_message():
+    eager = _UsesBoth().eval()
+    module = ExportedModel(torch.export.export(eager, (torch.zeros(1, 1, 8, 8),)))
+    image = blob_image((8, 8))
+    with pytest.raises(LayerError) as eager_error:
+        explain(eager, image, layer="pair", target_class=1, device="cpu")
+    with pytest.raises(LayerError) as exported_error:
+        explain(module, image, layer="pair", target_class=1, device="cpu")
+    assert str(exported_error.value) == str(eager_error.value) and "tuple" in str(eager_error.value)
+    expected = explain(eager, image, layer="pair.conv", target_class=1, device="cpu", relu=False, normalize=False)
+    assert np.abs(expected).max() > 0
+    np.testing.assert_allclose(explain(module, image, layer="pair.conv", target_class=1, device="cpu", relu=False,
+                                       normalize=False), expected, rtol=0, atol=ATOL_RAW * max(1.0, np.abs(expected).max()))
+
+
 def test_layers_are_the_eager_modules_with_their_types_and_output_shapes(exported_unet):
     dims, eager, loaded = exported_unet
     shape = (1, 1, *OTHER_SHAPES[dims])

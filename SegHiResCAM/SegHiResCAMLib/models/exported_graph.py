@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import fx
 
+
 def module_aliases(program: torch.export.ExportedProgram, paths: Sequence[str]) -> dict[str, str]:
     """Module paths that name one module of the original model (``nn.Sequential(self.conv, ...)``,
     a decoder holding its encoder): alias -> the first name in definition order.
