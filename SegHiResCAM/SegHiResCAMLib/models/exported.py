@@ -25,7 +25,7 @@ from torch import fx, nn
 
 from ..errors import ModelError
 from .card import ModelCard
-from .exported_checks import check_calls, check_inference_program, first_user_output
+from .exported_checks import check_calls, check_inference_program, check_inputs, first_user_output
 from .exported_graph import insert_stand_ins, module_aliases, module_calls
 from .exported_shapes import InputShape
 
@@ -107,6 +107,7 @@ class ExportedModel(nn.Module):
         super().__init__()
         self.program_name = name
         check_calls(program.graph, name)
+        check_inputs(program, name)
         try:
             functional = program.run_decompositions(decomp_table={})
         except Exception as error:  # noqa: BLE001 - torch raises many types; the message says what failed

@@ -44,9 +44,25 @@ def check_calls(graph: fx.Graph, name: str) -> None:
                              "an ATen operator; SegHiResCAM runs programs made of ATen operators only")
 
 
+def check_inputs(program: torch.export.ExportedProgram, name: str) -> None:
+    """Refuse programs that take anything but one image tensor besides their weights."""
+    from torch.export.graph_signature import InputKind, TensorArgument
+
+    inputs = [spec for spec in program.graph_signature.input_specs if spec.kind == InputKind.USER_INPUT]
+    if len(inputs) != 1 or not isinstance(inputs[0].arg, TensorArgument):
+        raise ModelError(f"the exported program {name} takes {len(inputs)} inputs; SegHiResCAM explains programs "
+                         "that take one image tensor (batch, channels, *spatial)")
+    other = {spec.kind for spec in program.graph_signature.input_specs} - {
+        InputKind.USER_INPUT, InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR}
+    if other:
+        raise ModelError(f"the exported program {name} takes {', '.join(sorted(k.name for k in other))} inputs "
+                         "(script objects or effect tokens), which SegHiResCAM does not run")
+
+
 def check_inference_program(program: torch.export.ExportedProgram, name: str) -> None:
-    """Refuse programs that change their own state or draw random numbers when they run."""
-    from torch.export.graph_signature import InputKind, OutputKind
+    """Refuse programs that change their own state or draw random numbers when they run (seen once
+    the graph is functional: batch norm in training mode then returns its updated statistics)."""
+    from torch.export.graph_signature import OutputKind
 
     training_hint = ("it was exported in training mode; call model.eval() before torch.export.export "
                      "(SegHiResCAMLib.models.exporting.export_model does)")
@@ -58,15 +74,7 @@ def check_inference_program(program: torch.export.ExportedProgram, name: str) ->
     if odd:
         raise ModelError(f"the exported program {name} returns {', '.join(sorted(k.name for k in odd))}: it is not "
                          "an inference program; export the model's forward in eval mode")
-    inputs = [spec for spec in program.graph_signature.input_specs if spec.kind == InputKind.USER_INPUT]
-    if len(inputs) != 1 or not isinstance(inputs[0].arg, torch.export.graph_signature.TensorArgument):
-        raise ModelError(f"the exported program {name} takes {len(inputs)} inputs; SegHiResCAM explains programs "
-                         "that take one image tensor (batch, channels, *spatial)")
-    other = {spec.kind for spec in program.graph_signature.input_specs} - {
-        InputKind.USER_INPUT, InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR}
-    if other:
-        raise ModelError(f"the exported program {name} takes {', '.join(sorted(k.name for k in other))} inputs "
-                         "(script objects or effect tokens), which SegHiResCAM does not run")
+    check_inputs(program, name)
     for node in program.graph.nodes:
         if isinstance(node.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in node.target.tags:
             raise ModelError(f"the exported program {name} draws random numbers ({node.target}, e.g. dropout): "
