@@ -178,6 +178,7 @@ def test_parameters_and_buffers_keep_their_names_and_values(exported_unet):
 
 def test_the_card_beside_the_program_and_what_the_program_says_make_the_model_card(exported_unet):
     dims, _, loaded = exported_unet
+    assert not loaded.module.made_functional  # conv, batch norm in eval, relu, cat: pure as exported
     card = loaded.card
     assert card.class_names == ("bg", "a", "b") and card.default_layer == "decoder.0"
     # the card beside says divisible_by=1, the program's guards say 4 (two poolings): the program wins
@@ -229,6 +230,7 @@ def out_of_place(model, x: torch.Tensor, layer: str) -> tuple[torch.Tensor, torc
 @pytest.mark.parametrize("layer", ["enc.1", "enc", "up", "dec", "act"])
 def test_in_place_operations_after_the_layer_change_neither_its_activation_nor_its_gradient(exported_inplace, layer):
     eager, module = exported_inplace
+    assert module.made_functional  # relu_, add_ and leaky_relu_ became relu, add and leaky_relu
     x = torch.from_numpy(blob_image((16, 24), seed=7))[None]
     target = predicted_class(eager, x[0].numpy())
     want_activation, want_output = out_of_place(eager, x, layer)

@@ -25,7 +25,8 @@ from torch import fx, nn
 
 from ..errors import ModelError
 from .card import ModelCard
-from .exported_checks import check_calls, check_inference_program, check_inputs, first_user_output
+from .exported_checks import (check_calls, check_inference_program, check_inputs, first_user_output,
+                              needs_functionalization)
 from .exported_graph import insert_stand_ins, module_aliases, module_calls
 from .exported_shapes import InputShape
 
@@ -101,6 +102,8 @@ class ExportedModel(nn.Module):
     Attributes:
         input_shape: which input shapes the program accepts (``fixed``, ``describe()``,
             ``batch_limit``, ``divisor(axis)``); ``forward`` refuses others with an InputError.
+        made_functional: whether the graph had to be made functional first (in-place or unknown
+            operators); a graph of plainly pure operators runs as exported, which loads faster.
     """
 
     def __init__(self, program: torch.export.ExportedProgram, name: str = "program") -> None:
@@ -108,12 +111,15 @@ class ExportedModel(nn.Module):
         self.program_name = name
         check_calls(program.graph, name)
         check_inputs(program, name)
-        try:
-            functional = program.run_decompositions(decomp_table={})
-        except Exception as error:  # noqa: BLE001 - torch raises many types; the message says what failed
-            raise ModelError(f"the exported program {name} cannot be made functional for explaining: "
-                             f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from error
-        check_calls(functional.graph, name)
+        functional = program
+        if needs_functionalization(program.graph):
+            try:
+                functional = program.run_decompositions(decomp_table={})
+            except Exception as error:  # noqa: BLE001 - torch raises many types; the message says what failed
+                raise ModelError(f"the exported program {name} cannot be made functional for explaining: "
+                                 f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from error
+            check_calls(functional.graph, name)
+        self.made_functional = functional is not program
         check_inference_program(functional, name)
         kinds = [spec.kind.name for spec in functional.graph_signature.input_specs]
         placeholders = [node for node in functional.graph.nodes if node.op == "placeholder"]

@@ -20,6 +20,55 @@ _SIZE_ARITHMETIC = frozenset({
 })
 
 
+# ATen operators whose schema states all they do: nothing in place, no hidden state, no randomness.
+# A graph made of these (and size arithmetic) is functional as exported; anything else is made
+# functional by torch first (see ``needs_functionalization``).
+_PURE = frozenset({
+    "convolution", "_convolution", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+    "conv_transpose3d", "linear", "addmm", "mm", "bmm", "matmul", "relu", "leaky_relu", "gelu", "silu", "sigmoid",
+    "tanh", "hardtanh", "elu", "prelu", "_prelu_kernel", "softmax", "_softmax", "log_softmax", "_log_softmax",
+    "cat", "stack", "add", "sub", "mul", "div", "neg", "pow", "sqrt", "rsqrt", "exp", "log", "abs", "clamp",
+    "clamp_min", "clamp_max", "where", "maximum", "minimum", "mean", "sum", "amax", "amin", "max_pool1d",
+    "max_pool2d", "max_pool3d", "max_pool2d_with_indices", "max_pool3d_with_indices", "avg_pool1d", "avg_pool2d",
+    "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "_adaptive_avg_pool2d",
+    "_adaptive_avg_pool3d", "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", "upsample_linear1d",
+    "upsample_bilinear2d", "upsample_trilinear3d", "_upsample_nearest_exact2d", "_upsample_nearest_exact3d",
+    "pad", "constant_pad_nd", "reflection_pad2d", "reflection_pad3d", "replication_pad2d", "replication_pad3d",
+    "view", "reshape", "_unsafe_view", "permute", "transpose", "t", "contiguous", "clone", "flatten", "unflatten",
+    "unsqueeze", "squeeze", "expand", "slice", "select", "narrow", "split", "split_with_sizes", "chunk",
+    "alias", "detach", "to", "_to_copy", "type_as", "group_norm", "native_group_norm", "layer_norm",
+    "native_layer_norm", "sym_size", "sym_numel", "sym_stride", "_assert_tensor_metadata", "_assert_scalar",
+    "scalar_tensor", "zeros", "ones", "full", "zeros_like", "ones_like", "full_like", "arange",
+})
+# Pure only when the flag (argument name) is False: in training they update running statistics or draw noise.
+_PURE_UNLESS = {"batch_norm": "training", "dropout": "train", "feature_dropout": "train", "alpha_dropout": "train",
+                "feature_alpha_dropout": "train"}
+
+
+def needs_functionalization(graph: fx.Graph) -> bool:
+    """False when every operator is in ``_PURE`` (or in ``_PURE_UNLESS`` with its flag off), so the
+    graph as exported already computes each value once and never changes it; True otherwise
+    (``relu_``, ``add_``, batch norm in training mode, anything unknown)."""
+    for node in graph.nodes:
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+            continue
+        packet = target._schema.name.split("::")[-1]
+        if target._schema.is_mutable or torch.Tag.nondeterministic_seeded in target.tags:
+            return True
+        if packet in _PURE_UNLESS:
+            names = [argument.name for argument in target._schema.arguments]
+            flag = node.kwargs.get(_PURE_UNLESS[packet])
+            position = names.index(_PURE_UNLESS[packet])
+            if flag is None and position < len(node.args):
+                flag = node.args[position]
+            if flag is not False:
+                return True
+        elif packet not in _PURE:
+            return True
+    return False
+
+
 def check_calls(graph: fx.Graph, name: str) -> None:
     """Refuse graphs that call anything but ATen operators and size arithmetic (checked before
     ``run_decompositions`` traces the graph, which calls each target)."""
