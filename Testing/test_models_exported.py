@@ -230,7 +230,9 @@ def out_of_place(model, x: torch.Tensor, layer: str) -> tuple[torch.Tensor, torc
 @pytest.mark.parametrize("layer", ["enc.1", "enc", "up", "dec", "act"])
 def test_in_place_operations_after_the_layer_change_neither_its_activation_nor_its_gradient(exported_inplace, layer):
     eager, module = exported_inplace
-    assert module.made_functional  # relu_, add_ and leaky_relu_ became relu, add and leaky_relu
+    # relu_, add_ and leaky_relu_ write only to values the graph computed: it runs as exported, and
+    # the engine's hook hands on a clone, as in the Python model
+    assert not module.made_functional
     x = torch.from_numpy(blob_image((16, 24), seed=7))[None]
     target = predicted_class(eager, x[0].numpy())
     want_activation, want_output = out_of_place(eager, x, layer)
@@ -244,13 +246,40 @@ def test_in_place_operations_after_the_layer_change_neither_its_activation_nor_i
     assert want_gradient.abs().max() > 0
     torch.testing.assert_close(gradient, want_gradient, rtol=0, atol=ATOL_RAW)
     # Every layer here is at full resolution: the signed Seg-HiRes-Grad CAM is sum_k G_k A_k itself.
-    # (The eager engine cannot explain 'act': its in-place result is discarded, so what its hook
-    # captures is not what the head reads; the functional program has no such ambiguity.)
+    # (The eager engine cannot explain 'act': the model drops its return value and the head reads the
+    # overwritten y, so the hook's clone leads nowhere; the trace records that the head reads act's result.)
     want_map = (want_gradient * want_activation).sum(1)[0].detach()
     got_map = explain(module, x[0].numpy(), layer=layer, target_class=target, roi=roi.numpy(), device="cpu",
                       relu=False, normalize=False)
     np.testing.assert_allclose(got_map, want_map.numpy(), rtol=0,
                                atol=ATOL_RAW * max(1.0, float(want_map.abs().max())))
+
+
+class _ClampsItsInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        x.clamp_(-0.5, 0.5)  # writes to the image itself
+        return self.head(torch.relu(self.conv(x)))
+
+
+def test_a_program_that_writes_to_its_input_is_made_functional_and_leaves_the_image_as_given():
+    torch.manual_seed(0)
+    eager = _ClampsItsInput().eval()
+    module = ExportedModel(torch.export.export(eager, (torch.zeros(1, 1, 8, 8),)))
+    assert module.made_functional
+    x = torch.from_numpy(blob_image((8, 8), seed=14))[None]
+    given = x.clone()
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), eager(x.clone()), rtol=0, atol=ATOL_RAW)
+    torch.testing.assert_close(x, given, rtol=0, atol=0)
+    expected = explain(eager, x[0].numpy().copy(), layer="conv", target_class=1, device="cpu", relu=False,
+                       normalize=False)
+    assert np.abs(expected).max() > 0
+    np.testing.assert_allclose(explain(module, x[0].numpy(), layer="conv", target_class=1, device="cpu", relu=False,
+                                       normalize=False), expected, rtol=0, atol=ATOL_RAW * np.abs(expected).max())
 
 
 def test_batch_norm_of_a_program_exported_in_eval_mode_is_the_eager_eval_forward(exported_unet):

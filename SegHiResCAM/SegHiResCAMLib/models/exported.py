@@ -4,13 +4,18 @@ An ``ExportedProgram`` has no submodules to hook: its graph calls ATen operators
 each node records, in ``nn_module_stack``, which module calls of the original model it ran in.
 ``ExportedModel`` rebuilds the module tree from that metadata: one stand-in module per original
 module path (``decoder.2.conv``), holding the program's parameters and buffers under their
-original names. A copy of the graph, made functional first (``run_decompositions`` with no
-decompositions, so ``relu_`` becomes ``relu`` and batch norm returns its buffers instead of
-writing them), passes each module call's output through its stand-in, an identity call that
-fires forward hooks. The engine's own capture (graph cut at the layer, gradients downstream
-only), Kernel-Weighted Contribution's channel gate, the layer listing and the memory probe then
-work unchanged, and a module that runs twice (both call sites call the same stand-in) is
-refused by the same check as in a Python model.
+original names. A copy of the graph passes each module call's output through its stand-in, an
+identity call that fires forward hooks. The engine's own capture (graph cut at the layer,
+gradients downstream only), Kernel-Weighted Contribution's channel gate, the layer listing and
+the memory probe then work unchanged, and a module that runs twice (both call sites call the
+same stand-in) is refused by the same check as in a Python model.
+
+torch 2.13 exports a graph that is not functional (``relu_`` stays in place, batch norm in
+training mode writes its buffers). A graph of plainly pure operators, and in-place versions of
+them that write only to values the graph computed, runs as exported: an in-place write after a
+layer then meets the engine's hook clone, as in the Python model. Anything else is made
+functional by torch first (``run_decompositions`` with no decompositions), which also shows
+programs in training mode (they return their updated buffers) so they can be refused.
 """
 
 from __future__ import annotations

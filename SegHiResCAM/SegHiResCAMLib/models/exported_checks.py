@@ -21,8 +21,6 @@ _SIZE_ARITHMETIC = frozenset({
 
 
 # ATen operators whose schema states all they do: nothing in place, no hidden state, no randomness.
-# A graph made of these (and size arithmetic) is functional as exported; anything else is made
-# functional by torch first (see ``needs_functionalization``).
 _PURE = frozenset({
     "convolution", "_convolution", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
     "conv_transpose3d", "linear", "addmm", "mm", "bmm", "matmul", "relu", "leaky_relu", "gelu", "silu", "sigmoid",
@@ -40,29 +38,58 @@ _PURE = frozenset({
     "native_layer_norm", "sym_size", "sym_numel", "sym_stride", "_assert_tensor_metadata", "_assert_scalar",
     "scalar_tensor", "zeros", "ones", "full", "zeros_like", "ones_like", "full_like", "arange",
 })
-# Pure only when the flag (argument name) is False: in training they update running statistics or draw noise.
+# Pure only while this flag argument is False: in training they update running statistics or draw noise.
 _PURE_UNLESS = {"batch_norm": "training", "dropout": "train", "feature_dropout": "train", "alpha_dropout": "train",
                 "feature_alpha_dropout": "train"}
 
 
+def _argument(node: fx.Node, schema, name: str):
+    names = [argument.name for argument in schema.arguments]
+    position = names.index(name)
+    return node.args[position] if position < len(node.args) else node.kwargs.get(name)
+
+
+def _aliases_of_inputs(graph: fx.Graph) -> set[fx.Node]:
+    """The placeholders (weights, buffers, the image) and every value that may share their memory (views)."""
+    found = {node for node in graph.nodes if node.op == "placeholder"}
+    for node in graph.nodes:
+        target = node.target
+        viewed = target is operator.getitem or (
+            isinstance(target, torch._ops.OpOverload) and any(r.alias_info is not None for r in target._schema.returns))
+        if node.op == "call_function" and viewed and any(arg in found for arg in node.all_input_nodes):
+            found.add(node)
+    return found
+
+
 def needs_functionalization(graph: fx.Graph) -> bool:
-    """False when every operator is in ``_PURE`` (or in ``_PURE_UNLESS`` with its flag off), so the
-    graph as exported already computes each value once and never changes it; True otherwise
-    (``relu_``, ``add_``, batch norm in training mode, anything unknown)."""
+    """False when the graph, run as exported, does what the eager module did and nothing more: pure
+    operators (``_PURE``, batch norm and dropout in eval mode, instance norm without running
+    statistics) and in-place versions of them (``relu_``, ``add_``) that write only to values the
+    graph computed, never to weights, buffers or the image. In-place writes after a layer are then
+    met as in a Python model: the engine's hook hands on a clone. True for anything else (training
+    mode, writes to the inputs, unknown operators): torch makes the graph functional first."""
+    inputs = None
     for node in graph.nodes:
         target = node.target
         if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
             continue
-        packet = target._schema.name.split("::")[-1]
-        if target._schema.is_mutable or torch.Tag.nondeterministic_seeded in target.tags:
+        schema = target._schema
+        packet = schema.name.split("::")[-1]
+        if torch.Tag.nondeterministic_seeded in target.tags:
             return True
-        if packet in _PURE_UNLESS:
-            names = [argument.name for argument in target._schema.arguments]
-            flag = node.kwargs.get(_PURE_UNLESS[packet])
-            position = names.index(_PURE_UNLESS[packet])
-            if flag is None and position < len(node.args):
-                flag = node.args[position]
-            if flag is not False:
+        if schema.is_mutable:
+            if not (packet.endswith("_") and packet[:-1] in _PURE):
+                return True
+            inputs = _aliases_of_inputs(graph) if inputs is None else inputs
+            written = [_argument(node, schema, a.name) for a in schema.arguments if a.alias_info and a.alias_info.is_write]
+            if any(value in inputs for value in written):
+                return True
+        elif packet in _PURE_UNLESS:
+            if _argument(node, schema, _PURE_UNLESS[packet]) is not False:
+                return True
+        elif packet == "instance_norm":
+            statistics = _argument(node, schema, "running_mean") is not None
+            if statistics and _argument(node, schema, "use_input_stats") is not False:
                 return True
         elif packet not in _PURE:
             return True
