@@ -610,22 +610,24 @@ def test_command_line_lists_the_layers_of_a_pt2_with_types_and_shapes(small_prog
 
 
 def test_the_worker_explains_a_pt2_like_its_eager_module(exported_unet, tmp_path):
+    from SegHiResCAMLib.settings import ExplainSettings
     from SegHiResCAMLib.worker.main import main as worker_main
-    from SegHiResCAMLib.worker.protocol import Request, parse_event
+    from SegHiResCAMLib.worker.protocol import ExplainRequest, parse_event
 
     dims, eager, loaded = exported_unet
     if dims != 3:
         pytest.skip("one worker run is enough")
     volume = _volume(tmp_path / "image.nrrd", shape=(12, 14, 9))
-    request = Request(image=str(tmp_path / "image.nrrd"), model=str(loaded.source), output=str(tmp_path / "heat.nrrd"),
-                      layer="bottleneck", target_class=2, device="cpu")
+    request = ExplainRequest(images=(str(tmp_path / "image.nrrd"),), model=str(loaded.source),
+                             outputs=(str(tmp_path / "heat.nrrd"),),
+                             settings=ExplainSettings(layers="bottleneck", target_class=2, device="cpu"))
     (tmp_path / "request.json").write_text(request.to_json(), encoding="utf-8")
     stream = io.StringIO()
     assert worker_main([str(tmp_path / "request.json")], stdout=stream) == 0, stream.getvalue()
     events = [parse_event(line) for line in stream.getvalue().splitlines()]
     assert events[-1]["event"] == "result"
     eager_loaded = LoadedModel(module=eager, card=loaded.card, source=loaded.source, kind="state-dict")
-    maps, _ = explain_volume(eager_loaded, volume, target_class=2, layer="bottleneck", device="cpu")
+    maps, _ = explain_volume(eager_loaded, volume, target_class=2, layers=("bottleneck",), device="cpu")
     assert maps["seg-hires-grad-cam"].array.max() > 0
     np.testing.assert_allclose(read_image(tmp_path / "heat.nrrd").array, maps["seg-hires-grad-cam"].array,
                                rtol=0, atol=ATOL_MAP)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from .torch_errors import is_out_of_memory
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -50,10 +51,6 @@ def prepared_model(model: nn.Module, device: torch.device) -> Iterator[nn.Module
             model.to(original_device)
         for name, module in model.named_modules():
             module.training = training.get(name, module.training)
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
 def memory_budget(device: torch.device) -> int:

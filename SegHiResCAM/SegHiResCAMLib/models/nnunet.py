@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from torch import nn
 from ..errors import ModelError, UnsafeModelError
 from .card import ModelCard
 from .optional import require
+from .weights import fit_weights
 
 # Only classes from these packages may be named in plans (plans are data, not code).
 _ALLOWED_PREFIXES = ("dynamic_network_architectures.", "torch.nn.")
@@ -80,13 +82,13 @@ def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     try:
         with torch.serialization.safe_globals(_safe_numpy_globals()):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # UnpicklingError for anything beyond tensors and plain data
-        if "weights_only" in str(error) or "Unpickl" in type(error).__name__:
-            raise UnsafeModelError(
-                f"{path.name} holds pickled Python objects besides the weights; loading it would run arbitrary "
-                "code. Re-save only the weights: torch.save({'network_weights': checkpoint['network_weights']}, "
-                "path) in a Python session you trust."
-            ) from error
+    except pickle.UnpicklingError as error:  # anything beyond tensors and plain data
+        raise UnsafeModelError(
+            f"{path.name} holds pickled Python objects besides the weights; loading it would run arbitrary "
+            "code. Re-save only the weights: torch.save({'network_weights': checkpoint['network_weights']}, "
+            "path) in a Python session you trust."
+        ) from error
+    except Exception as error:  # noqa: BLE001 - torch reports unreadable files with several types
         raise ModelError(f"cannot read the nnU-Net checkpoint {path}: {str(error).splitlines()[0]}") from error
     weights = checkpoint.get("network_weights", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
@@ -261,8 +263,6 @@ def load_results_folder(path: Path) -> tuple[nn.Module, ModelCard]:
     channels = len(dataset.get("channel_names", dataset.get("modality", {"0": "image"})))
     class_names, _ = _labels(dataset)
     network = build_network(plans, config, channels, len(class_names))
-    from .loading import fit_weights  # loading imports this module lazily too
-
     fit_weights(network, load_checkpoint(checkpoint), f"the weights in {checkpoint}",
                 f"the network the plans describe ({configuration})")
     network.eval()
