@@ -375,6 +375,7 @@ def test_a_static_program_explains_its_shape_and_refuses_others_naming_the_shape
                                expected, rtol=0, atol=ATOL_MAP)
     with pytest.raises(InputError, match=r"1 x 1 x 24 x 40 .*it accepts 1 x 1 x 24 x 32"):
         explain(module, blob_image((24, 40)), layer="decoder.0", target_class=target, device="cpu")
+    assert loaded.card.patch_size == (24, 32)  # what it runs on: sliding windows of that size
     # layers are probed at the one shape the program takes, whatever size is asked for
     infos = {info.name: info.output_shape for info in list_layers(module, (1, 1, 64, 64))}
     assert infos["bottleneck"] == (1, 16, 6, 8) and infos["head"] == (1, 3, 24, 32)
@@ -385,6 +386,27 @@ def test_a_static_program_explains_its_shape_and_refuses_others_naming_the_shape
     got = explain(module, volume, layer="bottleneck", target_class=target, spatial_dims=2, device="cpu")
     assert expected.max() > 0
     np.testing.assert_allclose(got, expected, rtol=0, atol=ATOL_MAP)
+
+
+def test_a_static_3d_program_explains_a_larger_volume_by_windows_of_its_size_like_the_eager_module(tmp_path):
+    from SegHiResCAMLib.engine.sliding_window import explain_windows
+    from SegHiResCAMLib.windows import window_for_card
+
+    eager = unet(3)
+    torch.export.save(torch.export.export(eager, (torch.zeros(1, 1, 16, 16, 16),)), str(tmp_path / "patch.pt2"))
+    loaded = load_model(tmp_path / "patch.pt2")
+    window = window_for_card(loaded.card)
+    assert window is not None and window.patch_size == (16, 16, 16)
+    image = blob_image((24, 20, 28), seed=15)
+    target = predicted_class(eager, image)
+    options = {"layers": ["decoder.0"], "class_index": target, "window": window, "device": "cpu",
+               "methods": ("seg-hires-grad-cam", "seg-grad-cam")}
+    expected = explain_windows(eager, image, **options)
+    got = explain_windows(loaded.module, image, **options)
+    assert got.windows == expected.windows > 1
+    for method, heat in expected.maps.items():
+        assert heat.max() > 0
+        np.testing.assert_allclose(got.maps[method], heat, rtol=0, atol=ATOL_MAP)
 
 
 def test_guards_recorded_at_export_are_checked_before_the_program_runs(exported_unet):

@@ -72,14 +72,20 @@ def card_defaults(model: ExportedModel) -> dict[str, int]:
 
 
 def fit_card(model: ExportedModel, card: ModelCard) -> ModelCard:
-    """``card`` made to agree with the program: its spatial dims must match, and ``divisible_by``
-    becomes a multiple of what the program's guards require (padding then makes every input fit)."""
+    """``card`` made to agree with the program: its spatial dims must match, ``divisible_by``
+    becomes a multiple of what the program's guards require (padding then makes every input fit),
+    and a program whose spatial sizes are all fixed gets them as ``patch_size`` unless the card
+    names one (it runs only on windows of that size)."""
     told = card_defaults(model)
     if card.spatial_dims != told["spatial_dims"]:
         raise ModelError(f"the model card says spatial_dims={card.spatial_dims}, but the exported program "
                          f"{model.program_name} takes {told['spatial_dims']}D inputs; fix the card")
     need = told["divisible_by"]
-    return replace(card, divisible_by=card.divisible_by * need // math.gcd(card.divisible_by, need))
+    spatial = model.input_shape.fixed[2:]
+    patch = card.patch_size
+    if patch is None and all(size is not None for size in spatial):
+        patch = tuple(int(size) for size in spatial)
+    return replace(card, divisible_by=card.divisible_by * need // math.gcd(card.divisible_by, need), patch_size=patch)
 
 
 class LayerOutput(nn.Module):
