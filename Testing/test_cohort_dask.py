@@ -129,7 +129,7 @@ def two_workers(table, tmp_path_factory):
 def test_two_local_workers_write_what_single_explains_write_and_report_the_bad_case(table, two_workers):
     out, code, stdout, stderr = two_workers
     assert code == 1, stderr
-    assert "running on 2 local workers, 1 CPU thread each" in stdout
+    assert "starting 2 local workers, 1 CPU thread each" in stdout
     assert f"{len(GOOD)} of {len(GOOD) + 1} cases explained, 1 failed" in stdout
     assert f"seghirescam: warning: case {BAD_CASE} failed: the image" in stderr
     rows = {row["case"]: row for row in stable_rows(out)}
@@ -159,19 +159,35 @@ def test_two_local_workers_write_what_single_explains_write_and_report_the_bad_c
     assert sorted(loads) == sorted(pids)
 
 
-def test_a_run_killed_after_its_first_results_resumes_to_the_same_table_without_redoing_a_case(table, two_workers,
-                                                                                              tmp_path):
+def test_a_stopped_then_a_killed_run_resume_to_the_same_table_without_redoing_a_case(table, two_workers, tmp_path):
     out = tmp_path / "out"
+
+    def finished() -> int:
+        return sum(1 for case in GOOD if events(out, case, "finished"))
+
+    # A batch system's time limit (SIGTERM): the command stops cleanly, saying how to go on.
     process = start_batch(table, out, "--workers", "1")
     try:
-        wait_for(lambda: any(events(out, case, "finished") for case in GOOD), "the first finished case")
-        os.killpg(process.pid, signal.SIGKILL)  # the command, its scheduler and its workers, at once
+        wait_for(lambda: finished() >= 1, "the first finished case")
+        process.send_signal(signal.SIGTERM)
+        code, stdout, stderr = finish(process)  # nothing of the cluster is left running
+    finally:
+        stop_session(process)
+    assert code == 130 and "run the same command again to finish" in stdout, stderr
+    assert "skipped" in [row["status"] for row in stable_rows(out)]
+    assert not list((tmp_path / "tmp").iterdir())  # the cluster's scratch folder went with it
+    # A power cut (SIGKILL to the command, its scheduler and its workers at once) after one more case.
+    done = finished()
+    process = start_batch(table, out, "--workers", "1")
+    try:
+        wait_for(lambda: finished() > done, "one more finished case")
+        os.killpg(process.pid, signal.SIGKILL)
     finally:
         stop_session(process)
     assert not left_in_session(process.pid, wait=10.0)
     finished_before = {case: (out / case / MANIFEST_FILE).read_bytes() for case in GOOD
                        if (out / case / MANIFEST_FILE).exists()}
-    assert 0 < len(finished_before) < len(GOOD)  # stopped part-way
+    assert 2 <= len(finished_before) < len(GOOD)  # stopped part-way, twice
     code, stdout, stderr = finish(start_batch(table, out, "--workers", "1"))
     assert code == 1, stderr
     assert stable_rows(out) == stable_rows(two_workers[0])
@@ -205,7 +221,8 @@ def test_a_worker_killed_in_the_middle_of_a_case_has_the_case_retried(tmp_path):
 def running_scheduler(tmp_path):
     """A Dask scheduler and one worker process on 127.0.0.1, started the way a user starts them."""
     address_file = tmp_path / "scheduler.json"
-    common = dict(env=environment(tmp_path / "tmp"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    common = dict(env=environment(tmp_path / "tmp"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                  start_new_session=True)
     scheduler = subprocess.Popen([sys.executable, "-m", "dask", "scheduler", "--host", "127.0.0.1", "--port", "0",
                                   "--dashboard-address", "127.0.0.1:0", "--scheduler-file", str(address_file)],
                                  **common)

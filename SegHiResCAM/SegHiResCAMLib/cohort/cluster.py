@@ -61,12 +61,19 @@ def cpu_count() -> int:
 
 
 def gpu_count(device: str) -> int:
-    """GPUs the cohort's workers may share out, one each: none for "cpu" or a fixed "cuda:N"."""
-    if device not in ("auto", "cuda"):
-        return 0
-    import torch  # only the count: CUDA itself is not initialised in this process
+    """GPUs the cohort's local workers share out, one each: none for "cpu" or a fixed "cuda:N".
 
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    Raises:
+        InputError: a GPU was asked for and torch sees none (refused before any worker starts).
+    """
+    if device == "cpu":
+        return 0
+    from ..engine.device import resolve_device  # imports torch; CUDA itself is not initialised here
+
+    resolve_device(device)
+    import torch
+
+    return torch.cuda.device_count() if device in ("auto", "cuda") and torch.cuda.is_available() else 0
 
 
 @dataclass(frozen=True)

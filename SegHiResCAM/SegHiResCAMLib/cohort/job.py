@@ -9,6 +9,7 @@ permission to run the model's code (``trust_code``) is not part of it: it change
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -57,6 +58,10 @@ class CohortJob:
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise InputError(f"threads must be a positive number or None, got {self.threads!r}")
+        # Computed here, in the caller's process, and sent to the workers with the job: every worker
+        # then checks and writes manifests against the same fingerprint, whatever happens to the files.
+        settings = {key: value for key, value in self.settings.to_dict().items() if key not in HOW_FIELDS}
+        object.__setattr__(self, "_fingerprint", {"settings": settings, "model": model_identity(self.model)})
 
     def settings_for(self, case: Case) -> ExplainSettings:
         """The settings of one case: the cohort's, with the case's own class when it names one."""
@@ -66,8 +71,7 @@ class CohortJob:
 
     def fingerprint(self) -> dict[str, Any]:
         """What decides the heatmaps of every case (JSON): settings without :data:`HOW_FIELDS`, model."""
-        settings = {key: value for key, value in self.settings.to_dict().items() if key not in HOW_FIELDS}
-        return {"settings": settings, "model": model_identity(self.model)}
+        return copy.deepcopy(self._fingerprint)  # type: ignore[attr-defined]
 
 
 def model_identity(path: str | Path) -> dict[str, str]:

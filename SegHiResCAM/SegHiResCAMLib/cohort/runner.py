@@ -88,6 +88,8 @@ def explain_cohort(
         MissingDependencyError: a scheduler address was given but Dask is not installed.
         KeyboardInterrupt: the run was interrupted (``results.csv`` was written first).
     """
+    if client is not None and workers is not None:
+        raise InputError("give workers (a local cluster) or a client (a running cluster), not both")
     case_list = read_cases(cases)
     job = prepare_job(model, settings, out, trust_code)
     tell = notice or logger.info
@@ -103,11 +105,16 @@ def explain_cohort(
             warnings.warn(message, stacklevel=2)
         else:
             notice(message)
+        if settings.device.startswith("cuda"):
+            from ..engine.device import resolve_device
+
+            resolve_device(settings.device)  # no GPU here: refused now, not once per case
         return run_cohort(case_list, job, InProcess(), progress=progress, on_result=on_result)
     plan = plan_local(workers, settings.device)
+    tell(f"starting {plan.describe()}")
     with local_client(plan) as local:
         return _on_dask(case_list, dataclasses.replace(job, threads=plan.threads), local, tell, progress, on_result,
-                        where=plan.describe(), local=True)
+                        where=None, local=True)
 
 
 def prepare_job(model: str | Path, settings: ExplainSettings, out: str | Path, trust_code: bool = False) -> CohortJob:
@@ -215,12 +222,15 @@ class OnDask:
 
 
 def _on_dask(cases: Sequence[Case], job: CohortJob, client: Any, tell: NoticeCallback,
-             progress: ProgressCallback | None, on_result: ResultCallback | None, where: str,
+             progress: ProgressCallback | None, on_result: ResultCallback | None, where: str | None,
              local: bool = False) -> CohortResults:
-    tell(f"running on {where}")
+    if where:
+        tell(f"running on {where}")
     dashboard = dashboard_address(client, local)
     if dashboard:
         tell(f"Dask dashboard: {dashboard}")
+    if not client.scheduler_info().get("workers"):
+        tell("the scheduler has no workers yet; the cases wait for workers to join")
     return run_cohort(cases, job, OnDask(client), progress=progress, on_result=on_result)
 
 

@@ -1,0 +1,135 @@
+"""Benchmark cohorts: cases per minute in one process and on 1 or 2 local Dask workers, and the
+scheduler's cost per case compared with a plain loop.
+
+Prints numbers measured side by side in one run; asserts nothing (machines are noisy, and this one
+may be shared: the load average before and after is printed with them).
+
+The cohort: ``--cases`` crops of ``--size`` voxels per axis of the bundled MNI152 T1 (each its own
+case, at its own place and geometry), explained with the bundled 3D demo U-Net (white matter, where
+the model predicts it; Seg-HiRes-Grad CAM and Seg-Grad CAM). Per round, in turn:
+
+- ``loop``: the cases one after another in this process (``run_cohort`` with ``InProcess``), torch
+  on every core: what ``seghirescam batch`` does without Dask;
+- ``dask 1x{cores}``: a local cluster of one worker using every core;
+- ``dask 2x{cores/2}``: two workers sharing the cores.
+
+"start" is the one-time cost: the local cluster's start and close, and in each worker (or this
+process) importing torch and loading the model; "run" is the cases alone. The scheduler's cost per
+case is ``(run of dask 1xN - run of loop) / cases``: the same torch threads, the same allocator
+(this script re-runs itself under the workers' ``FAST_ALLOCATOR``). Medians over ``--rounds``.
+
+    python bench/bench_cohort.py                # 8 cases of 32^3, 2 rounds
+    python bench/bench_cohort.py --cases 16 --size 48
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import SimpleITK as sitk
+
+from SegHiResCAMLib.cohort.cases import Case
+from SegHiResCAMLib.cohort.cluster import LocalPlan, cpu_count, local_client
+from SegHiResCAMLib.cohort.job import CohortJob
+from SegHiResCAMLib.cohort.runner import InProcess, OnDask, prepare_job, run_cohort
+from SegHiResCAMLib.cohort.work import cached_model
+from SegHiResCAMLib.settings import ExplainSettings
+from SegHiResCAMLib.worker.launcher import FAST_ALLOCATOR
+
+DATA = Path(__file__).resolve().parents[1] / "SegHiResCAM" / "SegHiResCAMLib" / "data"
+SETTINGS = ExplainSettings(target_class=2, methods=("seg-hires-grad-cam", "seg-grad-cam"), device="cpu")
+
+
+def write_cases(folder: Path, count: int, size: int) -> list[Case]:
+    image = sitk.ReadImage(str(DATA / "mni152_t1_2mm.nii.gz"))
+    cases = []
+    for index in range(count):
+        start = [8 + (3 * index + 5 * axis) % max(1, extent - size - 16) for axis, extent in enumerate(image.GetSize())]
+        path = folder / f"case{index:03d}.nrrd"
+        sitk.WriteImage(image[tuple(slice(s, s + size) for s in start)], str(path))
+        cases.append(Case(f"case{index:03d}", (str(path),)))
+    return cases
+
+
+def warm(job: CohortJob) -> None:
+    """Import torch and load the model, as a worker's first case does: a one-time cost, timed with the start."""
+    cached_model(job.model, job.trust_code, job.settings.device)
+
+
+def run_loop(cases: list[Case], out: Path) -> tuple[float, float]:
+    import torch
+
+    torch.set_num_threads(cpu_count())
+    job = prepare_job(DATA / "demo_unet3d.pt", SETTINGS, out)
+    started = time.perf_counter()
+    warm(job)
+    ready = time.perf_counter()
+    _check(run_cohort(cases, job, InProcess()))
+    return ready - started, time.perf_counter() - ready
+
+
+def run_dask(cases: list[Case], out: Path, workers: int) -> tuple[float, float]:
+    plan = LocalPlan(workers=workers, threads=max(1, cpu_count() // workers), gpus=0)
+    job = dataclasses.replace(prepare_job(DATA / "demo_unet3d.pt", SETTINGS, out), threads=plan.threads)
+    started = time.perf_counter()
+    with local_client(plan) as client:
+        client.wait_for_workers(workers)
+        client.run(warm, job)
+        ready = time.perf_counter()
+        results = run_cohort(cases, job, OnDask(client))
+        ran = time.perf_counter() - ready
+        closing = time.perf_counter()
+    _check(results)
+    return ready - started + time.perf_counter() - closing, ran
+
+
+def _check(results) -> None:
+    failed = [row for row in results if row.status != "ok"]
+    if failed:
+        raise SystemExit(f"benchmark case failed: {failed[0].case}: {failed[0].error}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", type=int, default=8)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    if any(os.environ.get(name) != value for name, value in FAST_ALLOCATOR.items()):
+        # The loop runs in this process: give it the allocator the Dask workers get.
+        sys.exit(subprocess.call([sys.executable, *sys.argv], env={**os.environ, **FAST_ALLOCATOR}))
+    cores = cpu_count()
+    configurations = {"loop": run_loop, f"dask 1x{cores}": lambda c, o: run_dask(c, o, 1)}
+    if cores >= 2:
+        configurations[f"dask 2x{cores // 2}"] = lambda c, o: run_dask(c, o, 2)
+    load_before = os.getloadavg()
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in configurations}
+    with tempfile.TemporaryDirectory(prefix="seghirescam-bench-") as folder:
+        cases = write_cases(Path(folder), args.cases, args.size)
+        for round_index in range(args.rounds):
+            for name, run in configurations.items():
+                times[name].append(run(cases, Path(folder) / f"out-{name.replace(' ', '')}-{round_index}"))
+    load_after = os.getloadavg()
+    print(f"{args.cases} cases of {args.size}^3, demo 3D U-Net, 2 methods, {cores} cores, median of {args.rounds} "
+          f"rounds; load average before {load_before[0]:.1f}, after {load_after[0]:.1f}")
+    print(f"{'configuration':<16} {'start s':>8} {'run s':>8} {'cases/min':>10} {'with start':>11}")
+    for name, measured in times.items():
+        start = statistics.median(s for s, _ in measured)
+        ran = statistics.median(r for _, r in measured)
+        print(f"{name:<16} {start:8.2f} {ran:8.2f} {60 * args.cases / ran:10.1f} {60 * args.cases / (start + ran):11.1f}")
+    loop = statistics.median(r for _, r in times["loop"])
+    one = statistics.median(r for _, r in times[f"dask 1x{cores}"])
+    print(f"scheduler cost per case (dask 1x{cores} run - loop run) / cases: {(one - loop) / args.cases:+.3f} s "
+          f"({(one - loop) / loop * 100:+.1f} % of the loop)")
+
+
+if __name__ == "__main__":
+    main()
