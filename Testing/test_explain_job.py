@@ -50,6 +50,7 @@ def job(scene, volume, model, segmentation, segment_id, settings, display=Displa
     return ExplainJob(scene, JobInputs(volume, model, segmentation, segment_id), settings, display, **options)
 
 
+@pytest.mark.process
 def test_heatmap_node_has_the_input_geometry_and_its_mass_on_the_evidence():
     scene, volume, segmentation, segment_id, near = ball_scene()
     reported = []
@@ -68,6 +69,7 @@ def test_heatmap_node_has_the_input_geometry_and_its_mass_on_the_evidence():
     assert running.temp_dir is None  # removed once the result was read
 
 
+@pytest.mark.process
 def test_an_existing_output_node_is_filled_in_place_and_no_node_is_added():
     scene, volume, segmentation, segment_id, _ = ball_scene()
     first = job(scene, volume, MODEL, segmentation, segment_id, cpu()).wait(timeout=120)
@@ -77,6 +79,7 @@ def test_an_existing_output_node_is_filled_in_place_and_no_node_is_added():
     assert node_ids(scene) == ids_after_first
 
 
+@pytest.mark.process
 def test_gui_style_polling_reaches_the_same_result_as_wait():
     scene, volume, segmentation, segment_id, near = ball_scene()
     running = job(scene, volume, MODEL, segmentation, segment_id, cpu())
@@ -90,6 +93,7 @@ def test_gui_style_polling_reaches_the_same_result_as_wait():
     assert heat[near].sum() / heat.sum() > 0.8
 
 
+@pytest.mark.process
 def test_cancel_mid_run_leaves_the_scene_unchanged_and_no_temp_files():
     scene, volume, segmentation, segment_id, _ = ball_scene(size=64)
     before = node_ids(scene)
@@ -113,6 +117,7 @@ def test_cancel_mid_run_leaves_the_scene_unchanged_and_no_temp_files():
     assert running.poll() is True  # polling a cancelled job is harmless
 
 
+@pytest.mark.process
 def test_a_worker_error_becomes_one_line_error_and_leaves_the_scene_unchanged():
     scene, volume, segmentation, segment_id, _ = ball_scene()
     before = node_ids(scene)
@@ -179,6 +184,7 @@ def test_worker_error_events_map_to_our_error_classes():
     assert type(plain) is SegHiResCAMError and str(plain) == "first line"
 
 
+@pytest.mark.process
 def test_several_methods_give_one_named_heatmap_node_each_equal_to_the_library():
     from SegHiResCAMLib.models.loading import load_model
     from SegHiResCAMLib.mrml.segments import segment_mask
@@ -198,6 +204,7 @@ def test_several_methods_give_one_named_heatmap_node_each_equal_to_the_library()
         np.testing.assert_allclose(array_from_node(node), expected[method].array, atol=1e-6)
 
 
+@pytest.mark.process
 def test_a_models_layers_are_listed_by_the_worker_not_in_this_process():
     from SegHiResCAMLib import list_layers
     from SegHiResCAMLib.jobs.layers_job import LayersJob

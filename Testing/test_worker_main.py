@@ -59,6 +59,7 @@ def write_request(folder: Path, request: ExplainRequest, name: str = "request.js
     return path
 
 
+@pytest.mark.process
 def test_worker_process_streams_progress_then_result_and_writes_the_heatmap(case):
     folder, model, reference = case
     output = folder / "heat_subprocess.nrrd"
@@ -92,6 +93,7 @@ def _clean_env() -> dict[str, str]:
     return {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
 
 
+@pytest.mark.process
 def test_worker_imports_neither_slicer_nor_qt_nor_vtk(case):
     folder, model, _ = case
     path = write_request(folder, request_for(folder, model, output=str(folder / "heat_imports.nrrd")), "imp.json")

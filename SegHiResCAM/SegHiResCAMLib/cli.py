@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain = commands.add_parser(
         "explain",
         help="explain one class of a model's segmentation of an image; write the heatmap",
-        description="Explain why MODEL segments CLASS (inside ROI, or where it predicts CLASS) in IMAGE; "
+        description="Explain why MODEL segments CLASS (inside the region ROI, or where it predicts CLASS) in IMAGE; "
         "write the heatmap on the image's exact voxel grid.",
     )
     explain.add_argument("--image", required=True, action="append", metavar="PATH",

@@ -116,7 +116,6 @@ def explain_volume(
         InputError: bad class, region of the wrong shape, image the model cannot take.
         LayerError: unknown layer (with the nearest names).
     """
-    from .engine.arrange import region_array
     from .engine.capture import check_layers
     from .engine.explain import explain_with_settings
     from .models.preprocess import prepare_input
@@ -131,17 +130,7 @@ def explain_volume(
         card = dataclasses.replace(card, slice_axis=settings.slice_axis)
     settings = settings_for_model(settings, card)
     check_layers(loaded.module, settings.layers)
-    if volume.array.ndim not in (3, 4):
-        raise InputError(f"the image must be a 3D volume (K, J, I), got an array of shape {volume.array.shape}")
-    if roi is not None:
-        roi = np.asarray(roi)
-        if roi.shape != volume.spatial_shape:
-            raise InputError(
-                f"the ROI has shape {roi.shape} but the image has {volume.spatial_shape}; "
-                "give a mask on the image's voxel grid"
-            )
-        roi = roi.astype(bool)
-    roi = region_array(settings, roi, volume.spatial_shape)  # the region kind, on the image's voxels only
+    roi = _region_on_volume(settings, roi, volume)
 
     if progress is not None:
         progress(0.0, "preparing the image for the model")
@@ -158,14 +147,36 @@ def explain_volume(
     )
     if progress is not None:
         progress(1.0 - _RESTORE_SHARE, "mapping the heatmaps back onto the image grid")
-    maps: dict[str, Volume] = {}
-    for method, heat in explanation.maps.items():
-        back = np.asarray(prepared.heatmap_to_volume(heat))
-        if back.shape != volume.spatial_shape:
-            raise InternalError(  # a preprocessing bug, not the user's: say exactly what went wrong
-                f"the {method} heatmap came back with shape {back.shape}, not the image's {volume.spatial_shape}"
-            )
-        maps[method] = Volume(_normalised(back, settings.relu, settings.normalize), volume.ijk_to_ras)
+    maps = {method: _on_volume_grid(prepared, method, heat, volume, settings)
+            for method, heat in explanation.maps.items()}
     if progress is not None:
         progress(1.0, "done")
     return maps, explanation
+
+
+def _region_on_volume(settings: ExplainSettings, roi, volume: Volume) -> np.ndarray | None:
+    """The region of the settings' kind on the volume's grid (only the image's voxels, never the
+    padding preprocessing adds), the given mask checked for shape."""
+    from .engine.arrange import region_array
+
+    if volume.array.ndim not in (3, 4):
+        raise InputError(f"the image must be a 3D volume (K, J, I), got an array of shape {volume.array.shape}")
+    if roi is not None:
+        roi = np.asarray(roi)
+        if roi.shape != volume.spatial_shape:
+            raise InputError(
+                f"the ROI has shape {roi.shape} but the image has {volume.spatial_shape}; "
+                "give a mask on the image's voxel grid"
+            )
+        roi = roi.astype(bool)
+    return region_array(settings, roi, volume.spatial_shape)
+
+
+def _on_volume_grid(prepared, method: str, heat: np.ndarray, volume: Volume, settings: ExplainSettings) -> Volume:
+    """One heatmap brought back from the model grid onto the volume's, finished (ReLU, normalised)."""
+    back = np.asarray(prepared.heatmap_to_volume(heat))
+    if back.shape != volume.spatial_shape:
+        raise InternalError(  # a preprocessing bug, not the user's: say exactly what went wrong
+            f"the {method} heatmap came back with shape {back.shape}, not the image's {volume.spatial_shape}"
+        )
+    return Volume(_normalised(back, settings.relu, settings.normalize), volume.ijk_to_ras)

@@ -111,7 +111,7 @@ class _Job:
         try:
             maps, roi_voxels = self.run(samples, roi_t, device)
         except _GpuExhausted:
-            notes.append("the GPU ran out of memory even one slice at a time, so the CPU computed this map instead")
+            notes.append("the GPU ran out of memory even one slice at a time, so the CPU computed this heatmap instead")
             device = torch.device("cpu")
             maps, roi_voxels = self.run(samples, roi_t, device)
         if roi_voxels == 0:

@@ -92,7 +92,7 @@ def _kept_fraction(heatmap, spatial: tuple[int, ...], keep_threshold: float | No
     heat = heatmap.detach().cpu() if isinstance(heatmap, torch.Tensor) else torch.as_tensor(np.asarray(heatmap))
     if tuple(heat.shape) != spatial:
         raise InputError(f"the heatmap has shape {tuple(heat.shape)} but the image's spatial shape is {spatial}; "
-                         "give the map computed for this image")
+                         "give the heatmap computed for this image")
     heat = heat.to(torch.float64)
     if not torch.isfinite(heat).all():
         raise InputError("the heatmap contains NaN or infinite values; recompute it or replace them by 0")

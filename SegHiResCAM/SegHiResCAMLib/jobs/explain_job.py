@@ -54,12 +54,15 @@ class ExplainJob(WorkerJob):
         inputs: the image, model and region (:class:`JobInputs`).
         settings: what to explain; several methods give one heatmap node each.
         display: how to show the heatmaps.
-        output_node: a scalar volume node to fill with the first method's heatmap; None = create
-            one at the end (named ``mrml.heatmap_display.heatmap_node_name``).
+        output_node: a heatmap node of an earlier run to fill with the first method's heatmap
+            (refused before the run when this module did not make it); None = create one at the end
+            (named ``mrml.heatmap_display.heatmap_node_name``).
         python_executable: interpreter for the worker (``PythonSlicer`` in Slicer).
         progress: called with (fraction, message) as the worker reports progress.
         volume_rendering_logic: Slicer's volume rendering logic, for "show in 3D"
             (``slicer.modules.volumerendering.logic()``); None makes a temporary one.
+        temp_root: where the run's temp folder goes (``slicer.app.temporaryPath`` in Slicer);
+            None = the system's.
 
     Attributes:
         output_nodes: method -> heatmap node, once done; ``output_node`` is the first method's.
@@ -79,9 +82,10 @@ class ExplainJob(WorkerJob):
         python_executable: str | os.PathLike | None = None,
         progress: ProgressCallback | None = None,
         volume_rendering_logic=None,
+        temp_root: str | os.PathLike | None = None,
     ) -> None:
         super().__init__(python_executable, progress, env={"CUDA_VISIBLE_DEVICES": "-1"} if settings.device == "cpu"
-                         else {})
+                         else {}, temp_root=temp_root)
         self.scene = scene
         self.inputs = inputs
         self.model_path = Path(inputs.model_path).expanduser().resolve()  # the worker runs in its temp folder
@@ -107,6 +111,10 @@ class ExplainJob(WorkerJob):
                 raise InputError(f"select a segment of '{segmentation.GetName()}' to explain")
             self.segment_id = find_segment_id(segmentation, self.segment_id)  # an ID or a name
         self.settings.region_kind(segmentation is not None)
+        if self.output_node is not None:
+            from ..mrml.heatmap_display import check_output_node
+
+            check_output_node(self.scene, self.output_node, volume)
 
     def _request(self, worker: WorkerProcess) -> ExplainRequest:
         from ..mrml.segments import segment_mask

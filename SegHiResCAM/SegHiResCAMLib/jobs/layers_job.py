@@ -23,8 +23,10 @@ class LayersJob(WorkerJob):
     what = "layer listing"
 
     def __init__(self, model_path: str | os.PathLike, *, trust_code: bool = False, size: int = 32,
-                 python_executable: str | os.PathLike | None = None) -> None:
-        super().__init__(python_executable, env={"CUDA_VISIBLE_DEVICES": "-1"})  # a probe needs no GPU
+                 python_executable: str | os.PathLike | None = None,
+                 temp_root: str | os.PathLike | None = None) -> None:
+        # A probe needs no GPU.
+        super().__init__(python_executable, env={"CUDA_VISIBLE_DEVICES": "-1"}, temp_root=temp_root)
         self.model_path = Path(model_path).expanduser().resolve()
         self.request = LayersRequest(model=str(self.model_path), trust_code=trust_code, size=size)
         self.listing: dict[str, Any] | None = None

@@ -30,6 +30,8 @@ class WorkerJob:
         python_executable: interpreter for the worker (``PythonSlicer`` in Slicer).
         progress: called with (fraction, message) as the worker reports progress.
         env: extra environment variables for the worker.
+        temp_root: where the run's temp folder goes (``slicer.app.temporaryPath`` in Slicer);
+            None = the system's.
 
     Attributes:
         state: "new" -> "running" -> "done" | "failed" | "cancelled".
@@ -42,8 +44,9 @@ class WorkerJob:
     what = "job"
 
     def __init__(self, python_executable: str | os.PathLike | None = None, progress: ProgressCallback | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, temp_root: str | os.PathLike | None = None) -> None:
         self.python_executable = python_executable
+        self.temp_root = temp_root
         self.progress = progress
         self._env = dict(env or {})
         self.state = "new"
@@ -74,7 +77,7 @@ class WorkerJob:
         if self.state != "new":
             raise JobStateError(f"this job was already started; make a new {type(self).__name__}")
         self._check_inputs()
-        worker = WorkerProcess(self.python_executable, env=self._env)
+        worker = WorkerProcess(self.python_executable, env=self._env, temp_root=self.temp_root)
         try:
             request = self._request(worker)
             self._started_at = time.monotonic()
