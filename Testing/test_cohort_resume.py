@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from cohort_data import BAD_CASE, MODEL, SMALL, WHITE_MATTER, write_cohort
 
 from SegHiResCAMLib.cli import main
@@ -235,3 +236,26 @@ def test_meter_counts_cases_done_before_without_counting_them_in_the_rate(monkey
     assert meter.fraction == 0.6
     # 2 cases in 60 s (monotonic 100 -> 160): 2 per minute, 4 left: 2 minutes.
     assert meter.message() == "6/10 cases (1 failed), 2.0 cases/min, about 2 min left"
+
+
+def test_a_model_retrained_under_the_same_path_is_loaded_again_not_served_from_the_cache(cohort, tmp_path):
+    table, _, _ = cohort
+    model = tmp_path / "model" / "demo_unet3d.pt"
+    model.parent.mkdir()
+    shutil.copy(MODEL, model)
+    shutil.copy(MODEL.with_suffix(".json"), model.with_suffix(".json"))
+    cases = read_cases(table)[:1]
+    run_cohort(cases, prepare_job(model, SETTINGS, tmp_path / "before"), InProcess())
+    weights = torch.load(model, weights_only=True)
+    name = next(key for key, value in weights.items() if key.endswith("weight") and value.ndim == 5)
+    weights[name] = weights[name] * 1.5
+    torch.save(weights, model)  # "retrained": same path, new contents
+    run_cohort(cases, prepare_job(model, SETTINGS, tmp_path / "after"), InProcess())
+    assert events(tmp_path / "after", "c01", "finished")[0]["model"] == "loaded"
+    after = heatmap(tmp_path / "after" / "c01" / "seg-hires-grad-cam_bottleneck.nrrd")
+    before = heatmap(tmp_path / "before" / "c01" / "seg-hires-grad-cam_bottleneck.nrrd")
+    assert not np.array_equal(sitk.GetArrayFromImage(after), sitk.GetArrayFromImage(before))
+    case = cases[0]
+    reference = run_request(ExplainRequest(images=case.images, model=str(model), settings=SETTINGS, roi=case.roi,
+                                           outputs=(str(tmp_path / "a.nrrd"), str(tmp_path / "b.nrrd"))))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(after), reference.maps["seg-hires-grad-cam"].array)

@@ -61,7 +61,7 @@ def write_cases(folder: Path, count: int, size: int) -> list[Case]:
 
 def warm(job: CohortJob) -> None:
     """Import torch and load the model, as a worker's first case does: a one-time cost, timed with the start."""
-    cached_model(job.model, job.trust_code, job.settings.device)
+    cached_model(job, job.settings.device)
 
 
 def run_loop(cases: list[Case], out: Path) -> tuple[float, float]:

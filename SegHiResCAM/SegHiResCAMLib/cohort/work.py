@@ -25,12 +25,16 @@ from .store import (FAILED, MANIFEST_FILE, OK, CaseResult, append_attempt, case_
 #: How a user reports an internal error met by one case of a cohort.
 REPORT_ADVICE = "rerun this case alone with 'seghirescam --debug explain' and report the traceback it prints"
 
-_MODELS: dict[tuple[str, bool, str], Any] = {}
+_MODELS: dict[tuple[str, bool, str, str], Any] = {}
 _MODELS_LOCK = threading.Lock()
 
 
-def cached_model(path: str, trust_code: bool, device: str) -> tuple[Any, bool]:
-    """The model loaded once per process, on the device it will run on.
+def cached_model(job: CohortJob, device: str) -> tuple[Any, bool]:
+    """The job's model, loaded once per process and kept on the device it runs on.
+
+    The cache is keyed by the model's path, the trust flag, the device and the digest of the model's
+    files (a model retrained under the same path is loaded again, never served stale); it keeps
+    one model, the last one asked for.
 
     Returns:
         ``(loaded, was_cached)``: the ``LoadedModel``, and whether an earlier case had loaded it.
@@ -39,11 +43,12 @@ def cached_model(path: str, trust_code: bool, device: str) -> tuple[Any, bool]:
     from ..service import load_model_for
 
     resolved = str(resolve_device(device))
-    key = (str(Path(path).resolve()), trust_code, resolved)
+    key = (job.model, job.trust_code, resolved, job.fingerprint()["model"]["files"])
     with _MODELS_LOCK:
         if key in _MODELS:
             return _MODELS[key], True
-        loaded = load_model_for(path, trust_code=trust_code)
+        _MODELS.clear()  # one cohort at a time per worker: free the previous model first
+        loaded = load_model_for(job.model, trust_code=job.trust_code)
         # Kept on its device: the engine then moves nothing per case (it restores what it finds).
         loaded.module.to(resolved)
         _MODELS[key] = loaded
@@ -110,7 +115,7 @@ def _explain_case(case: Case, job: CohortJob, worker: str) -> tuple[CaseResult, 
     settings = job.settings_for(case)
     if job.threads is not None:
         _set_threads(job.threads)
-    loaded, cached = cached_model(job.model, job.trust_code, settings.device)
+    loaded, cached = cached_model(job, settings.device)
     names = output_names(settings.methods, settings_for_model(settings, loaded.card).layers)
     request = ExplainRequest(images=case.images, model=job.model, settings=settings, roi=case.roi,
                              roi_label=case.roi_label, trust_code=job.trust_code,
