@@ -19,7 +19,7 @@ from cohort_data import BAD_CASE, MODEL, SMALL, WHITE_MATTER, write_cohort
 from SegHiResCAMLib.cli import main
 from SegHiResCAMLib.cohort.cases import read_cases
 from SegHiResCAMLib.cohort.meter import CohortMeter
-from SegHiResCAMLib.cohort.runner import InProcess, prepare_job, run_cohort
+from SegHiResCAMLib.cohort.runner import InProcess, Reports, prepare_job, run_cohort
 from SegHiResCAMLib.cohort.store import (ATTEMPTS_FILE, COHORT_FILE, MANIFEST_FILE, RESULTS_FILE, CaseResult,
                                          CohortStore, read_attempts)
 from SegHiResCAMLib.errors import InputError
@@ -48,8 +48,8 @@ def copy_run(cohort, tmp_path) -> Path:
     return out
 
 
-def rerun(table: Path, out: Path, settings: ExplainSettings = SETTINGS, **options):
-    return run_cohort(read_cases(table), prepare_job(MODEL, settings, out), InProcess(), **options)
+def rerun(table: Path, out: Path, settings: ExplainSettings = SETTINGS, reports: Reports | None = None):
+    return run_cohort(read_cases(table), prepare_job(MODEL, settings, out), InProcess(), reports)
 
 
 def read_table(path: Path) -> list[dict[str, str]]:
@@ -144,7 +144,7 @@ def test_an_interrupted_run_keeps_what_is_done_and_the_rerun_finishes_it(cohort,
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        rerun(table, out, on_result=stop_after_the_first_case)
+        rerun(table, out, reports=Reports(on_result=stop_after_the_first_case))
     stopped = read_table(out / RESULTS_FILE)
     assert [r["status"] for r in stopped] == ["ok", "skipped", "skipped", "skipped"]
     assert "run the same command again" in stopped[1]["error"]

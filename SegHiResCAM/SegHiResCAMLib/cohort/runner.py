@@ -21,6 +21,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from .cluster import EXTRA_HINT, dashboard_address, dask_available, local_client
 from .job import CohortJob
 from .meter import CohortMeter
 from .store import FAILED, NOT_RUN, SKIPPED, CaseResult, CohortResults, CohortStore, completed_result
-from .work import REPORT_ADVICE, run_case
+from .work import REPORT_ADVICE, release_models, run_case
 
 logger = logging.getLogger(__name__)
 
@@ -92,29 +93,34 @@ def explain_cohort(
         raise InputError("give workers (a local cluster) or a client (a running cluster), not both")
     case_list = read_cases(cases)
     job = prepare_job(model, settings, out, trust_code)
-    tell = notice or logger.info
+    reports = Reports(progress, on_result, notice)
     if client is not None:
-        if isinstance(client, str):
-            with scheduler_client(client) as connected:
-                return _on_dask(case_list, job, connected, tell, progress, on_result, where=f"the scheduler {client}")
-        return _on_dask(case_list, job, client, tell, progress, on_result, where="the given Dask cluster")
+        return _on_client(case_list, job, client, reports)
     if not dask_available():
-        message = (f"Dask is not installed, so the cases run one after another in this process; for parallel "
-                   f"workers: {EXTRA_HINT}")
-        if notice is None:
-            warnings.warn(message, stacklevel=2)
-        else:
-            notice(message)
-        if settings.device.startswith("cuda"):
-            from ..engine.device import resolve_device
+        return _in_this_process(case_list, job, reports)
+    return _on_local_cluster(case_list, job, workers, reports)
 
-            resolve_device(settings.device)  # no GPU here: refused now, not once per case
-        return run_cohort(case_list, job, InProcess(), progress=progress, on_result=on_result)
-    plan = plan_local(workers, settings.device)
-    tell(f"starting {plan.describe()}")
-    with local_client(plan) as local:
-        return _on_dask(case_list, dataclasses.replace(job, threads=plan.threads), local, tell, progress, on_result,
-                        where=None, local=True)
+
+@dataclass(frozen=True)
+class Reports:
+    """Where a run reports: ``progress(fraction, message)`` as cases finish, ``on_result(row)`` per
+    case, ``notice(line)`` for facts about the run (None: the logger)."""
+
+    progress: ProgressCallback | None = None
+    on_result: ResultCallback | None = None
+    notice: NoticeCallback | None = None
+
+    def tell(self, message: str) -> None:
+        (self.notice or logger.info)(message)
+
+    def finished(self, result: CaseResult, meter: CohortMeter) -> None:
+        if self.on_result is not None:
+            self.on_result(result)
+        self.moved(meter)
+
+    def moved(self, meter: CohortMeter) -> None:
+        if self.progress is not None:
+            self.progress(meter.fraction, meter.message())
 
 
 def prepare_job(model: str | Path, settings: ExplainSettings, out: str | Path, trust_code: bool = False) -> CohortJob:
@@ -136,8 +142,7 @@ def prepare_job(model: str | Path, settings: ExplainSettings, out: str | Path, t
                      trust_code=trust_code, run_id=uuid.uuid4().hex[:12])
 
 
-def run_cohort(cases: Sequence[Case], job: CohortJob, executor: Any, *, progress: ProgressCallback | None = None,
-               on_result: ResultCallback | None = None) -> CohortResults:
+def run_cohort(cases: Sequence[Case], job: CohortJob, executor: Any, reports: Reports | None = None) -> CohortResults:
     """Run the cases that are not complete on ``executor`` (:class:`InProcess` or :class:`OnDask`)
     and keep ``results.csv`` up to date; the store's lock is held throughout."""
     methods = job.settings.methods
@@ -153,8 +158,8 @@ def run_cohort(cases: Sequence[Case], job: CohortJob, executor: Any, *, progress
         meter = CohortMeter(total=len(cases), done_before=len(cases) - len(todo))
         last_write = time.monotonic()
         store.write_results([rows[case.case_id] for case in cases], methods)
-        if progress is not None:
-            progress(meter.fraction, meter.message())
+        reports = reports or Reports()
+        reports.moved(meter)
 
         def deliver(result: CaseResult) -> None:
             nonlocal last_write
@@ -163,10 +168,7 @@ def run_cohort(cases: Sequence[Case], job: CohortJob, executor: Any, *, progress
             if time.monotonic() - last_write >= RESULTS_INTERVAL_SECONDS:
                 store.write_results([rows[case.case_id] for case in cases], methods)
                 last_write = time.monotonic()
-            if on_result is not None:
-                on_result(result)
-            if progress is not None:
-                progress(meter.fraction, meter.message())
+            reports.finished(result, meter)
 
         try:
             executor.run(todo, job, deliver)
@@ -179,12 +181,15 @@ class InProcess:
     """Run the cases one after another in this process (the model loaded once)."""
 
     def run(self, todo: Sequence[Case], job: CohortJob, deliver: ResultCallback) -> None:
-        for case in todo:
-            try:
-                result = run_case(case, job)
-            except Exception as error:  # noqa: BLE001 - a bug in one case is that case's failure, recorded
-                result = _failed(case, internal_error_line(error, REPORT_ADVICE, "explaining the case"))
-            deliver(result)
+        try:
+            for case in todo:
+                try:
+                    result = run_case(case, job)
+                except Exception as error:  # noqa: BLE001 - a bug in one case is that case's failure, recorded
+                    result = _failed(case, internal_error_line(error, REPORT_ADVICE, "explaining the case"))
+                deliver(result)
+        finally:
+            release_models()  # this process goes on after the cohort: give its memory back
 
 
 class OnDask:
@@ -221,17 +226,43 @@ class OnDask:
                 self.client.cancel(pending)
 
 
-def _on_dask(cases: Sequence[Case], job: CohortJob, client: Any, tell: NoticeCallback,
-             progress: ProgressCallback | None, on_result: ResultCallback | None, where: str | None,
+def _on_client(cases: Sequence[Case], job: CohortJob, client: Any, reports: Reports) -> CohortResults:
+    if isinstance(client, str):
+        with scheduler_client(client) as connected:
+            return _on_dask(cases, job, connected, reports, where=f"the scheduler {client}")
+    return _on_dask(cases, job, client, reports, where="the given Dask cluster")
+
+
+def _in_this_process(cases: Sequence[Case], job: CohortJob, reports: Reports) -> CohortResults:
+    message = f"Dask is not installed, so the cases run one after another in this process; for parallel workers: {EXTRA_HINT}"
+    if reports.notice is None:
+        warnings.warn(message, stacklevel=3)
+    else:
+        reports.notice(message)
+    if job.settings.device.startswith("cuda"):
+        from ..engine.device import resolve_device
+
+        resolve_device(job.settings.device)  # no GPU here: refused now, not once per case
+    return run_cohort(cases, job, InProcess(), reports)
+
+
+def _on_local_cluster(cases: Sequence[Case], job: CohortJob, workers: int | None, reports: Reports) -> CohortResults:
+    plan = plan_local(workers, job.settings.device)
+    reports.tell(f"starting {plan.describe()}")
+    with local_client(plan) as local:
+        return _on_dask(cases, dataclasses.replace(job, threads=plan.threads), local, reports, local=True)
+
+
+def _on_dask(cases: Sequence[Case], job: CohortJob, client: Any, reports: Reports, where: str | None = None,
              local: bool = False) -> CohortResults:
     if where:
-        tell(f"running on {where}")
+        reports.tell(f"running on {where}")
     dashboard = dashboard_address(client, local)
     if dashboard:
-        tell(f"Dask dashboard: {dashboard}")
+        reports.tell(f"Dask dashboard: {dashboard}")
     if not client.scheduler_info().get("workers"):
-        tell("the scheduler has no workers yet; the cases wait for workers to join")
-    return run_cohort(cases, job, OnDask(client), progress=progress, on_result=on_result)
+        reports.tell("the scheduler has no workers yet; the cases wait for workers to join")
+    return run_cohort(cases, job, OnDask(client), reports)
 
 
 def _failed(case: Case, error: str) -> CaseResult:

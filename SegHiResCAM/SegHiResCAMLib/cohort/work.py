@@ -55,6 +55,12 @@ def cached_model(job: CohortJob, device: str) -> tuple[Any, bool]:
         return loaded, False
 
 
+def release_models() -> None:
+    """Forget the cached model (a process that goes on after its cohort gives the memory back)."""
+    with _MODELS_LOCK:
+        _MODELS.clear()
+
+
 def worker_name() -> str:
     """The Dask worker running this code (its address), or "local" outside Dask."""
     if sys.modules.get("distributed") is not None:  # only where Dask is already in use
