@@ -259,3 +259,10 @@ def test_a_model_retrained_under_the_same_path_is_loaded_again_not_served_from_t
     reference = run_request(ExplainRequest(images=case.images, model=str(model), settings=SETTINGS, roi=case.roi,
                                            outputs=(str(tmp_path / "a.nrrd"), str(tmp_path / "b.nrrd"))))
     np.testing.assert_array_equal(sitk.GetArrayFromImage(after), reference.maps["seg-hires-grad-cam"].array)
+
+
+def test_the_attempt_log_leaves_out_a_line_still_being_written(tmp_path):
+    (tmp_path / "c01").mkdir()
+    (tmp_path / "c01" / ATTEMPTS_FILE).write_text('{"event": "started", "pid": 1}\n{"event": "fini', encoding="utf-8")
+    assert read_attempts(tmp_path, "c01") == [{"event": "started", "pid": 1}]
+    assert read_attempts(tmp_path, "c02") == []

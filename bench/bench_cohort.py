@@ -16,7 +16,9 @@ the model predicts it; Seg-HiRes-Grad CAM and Seg-Grad CAM). Per round, in turn:
 "start" is the one-time cost: the local cluster's start and close, and in each worker (or this
 process) importing torch and loading the model; "run" is the cases alone. The scheduler's cost per
 case is ``(run of dask 1xN - run of loop) / cases``: the same torch threads, the same allocator
-(this script re-runs itself under the workers' ``FAST_ALLOCATOR``). Medians over ``--rounds``.
+(this script re-runs itself under the workers' ``FAST_ALLOCATOR``). "CPU s/case" is the CPU time of
+everything (this process with the scheduler, and the workers) per case: on a shared, loaded machine
+it is steadier than the wall times. Medians over ``--rounds``.
 
     python bench/bench_cohort.py                # 8 cases of 32^3, 2 rounds
     python bench/bench_cohort.py --cases 16 --size 48
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -62,6 +65,19 @@ def write_cases(folder: Path, count: int, size: int) -> list[Case]:
 def warm(job: CohortJob) -> None:
     """Import torch and load the model, as a worker's first case does: a one-time cost, timed with the start."""
     cached_model(job, job.settings.device)
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of its children that have ended (the Dask workers, once closed)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def measured(run, cases: list[Case], out: Path) -> tuple[float, float, float]:
+    """(start s, run s, CPU s of everything) of one configuration."""
+    before = cpu_seconds()
+    start, ran = run(cases, out)
+    return start, ran, cpu_seconds() - before
 
 
 def run_loop(cases: list[Case], out: Path) -> tuple[float, float]:
@@ -111,24 +127,25 @@ def main() -> None:
     if cores >= 2:
         configurations[f"dask 2x{cores // 2}"] = lambda c, o: run_dask(c, o, 2)
     load_before = os.getloadavg()
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in configurations}
+    times: dict[str, list[tuple[float, float, float]]] = {name: [] for name in configurations}
     with tempfile.TemporaryDirectory(prefix="seghirescam-bench-") as folder:
         cases = write_cases(Path(folder), args.cases, args.size)
         for round_index in range(args.rounds):
             for name, run in configurations.items():
-                times[name].append(run(cases, Path(folder) / f"out-{name.replace(' ', '')}-{round_index}"))
+                times[name].append(measured(run, cases, Path(folder) / f"out-{name.replace(' ', '')}-{round_index}"))
     load_after = os.getloadavg()
     print(f"{args.cases} cases of {args.size}^3, demo 3D U-Net, 2 methods, {cores} cores, median of {args.rounds} "
           f"rounds; load average before {load_before[0]:.1f}, after {load_after[0]:.1f}")
-    print(f"{'configuration':<16} {'start s':>8} {'run s':>8} {'cases/min':>10} {'with start':>11}")
-    for name, measured in times.items():
-        start = statistics.median(s for s, _ in measured)
-        ran = statistics.median(r for _, r in measured)
-        print(f"{name:<16} {start:8.2f} {ran:8.2f} {60 * args.cases / ran:10.1f} {60 * args.cases / (start + ran):11.1f}")
-    loop = statistics.median(r for _, r in times["loop"])
-    one = statistics.median(r for _, r in times[f"dask 1x{cores}"])
-    print(f"scheduler cost per case (dask 1x{cores} run - loop run) / cases: {(one - loop) / args.cases:+.3f} s "
-          f"({(one - loop) / loop * 100:+.1f} % of the loop)")
+    print(f"{'configuration':<16} {'start s':>8} {'run s':>8} {'cases/min':>10} {'with start':>11} {'CPU s/case':>11}")
+    median = {name: [statistics.median(values) for values in zip(*measured_times)]
+              for name, measured_times in times.items()}
+    for name, (start, ran, cpu) in median.items():
+        print(f"{name:<16} {start:8.2f} {ran:8.2f} {60 * args.cases / ran:10.1f} {60 * args.cases / (start + ran):11.1f} "
+              f"{cpu / args.cases:11.2f}")
+    loop, one = median["loop"], median[f"dask 1x{cores}"]
+    print(f"scheduler cost per case (dask 1x{cores} run - loop run) / cases: {(one[1] - loop[1]) / args.cases:+.3f} s "
+          f"({(one[1] - loop[1]) / loop[1] * 100:+.1f} % of the loop); CPU s per case, all included (start, workers, "
+          f"scheduler): {(one[2] - loop[2]) / args.cases:+.3f} s")
 
 
 if __name__ == "__main__":

@@ -169,11 +169,13 @@ def append_attempt(out: str | Path, case_id: str, event: str, job: CohortJob, wo
 
 
 def read_attempts(out: str | Path, case_id: str) -> list[dict[str, Any]]:
-    """The case's attempt log, oldest first (empty when it never started)."""
+    """The case's attempt log, oldest first (empty when it never started). A last line without its
+    newline is being written (or was cut by a crash) and is left out."""
     path = case_folder(out, case_id) / ATTEMPTS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    complete = path.read_text(encoding="utf-8").split("\n")[:-1]
+    return [json.loads(line) for line in complete if line.strip()]
 
 
 def write_manifest(out: str | Path, case: Case, job: CohortJob, result: CaseResult) -> None:
