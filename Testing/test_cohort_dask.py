@@ -258,13 +258,20 @@ def test_a_scheduler_given_by_address_runs_the_cohort_and_stays_up(running_sched
     assert [len(events(out, c, "started")) for c in ("c01", "c02", BAD_CASE)] == [1, 1, 2]
 
 
-def test_the_local_cluster_listens_on_loopback_only():
+def test_the_local_cluster_listens_on_loopback_only_and_a_notebooks_client_is_left_open(tmp_path):
+    from SegHiResCAMLib.cohort import explain_cohort
     from SegHiResCAMLib.cohort.cluster import local_client, plan_local
 
+    table = write_cohort(tmp_path / "in", {name: CROPS[name] for name in ("c01", "c02")}, bad=False)
+    settings = ExplainSettings(target_class=WHITE_MATTER, methods=METHODS, device="cpu")
     with local_client(plan_local(2, "cpu")) as client:
         pids = [os.getpid(), *client.run(os.getpid).values()]
         processes = [psutil.Process(pid) for pid in pids]
         listening = [conn.laddr.ip for proc in processes  # net_connections: psutil 6; connections before
                      for conn in getattr(proc, "net_connections", getattr(proc, "connections", None))("inet")
                      if conn.status == psutil.CONN_LISTEN]
+        results = explain_cohort(table, MODEL, settings, out=tmp_path / "out", client=client)
+        assert [row.status for row in results] == ["ok", "ok"]
+        assert results.path == tmp_path / "out" / RESULTS_FILE
+        assert client.status == "running" and len(client.scheduler_info()["workers"]) == 2  # the caller's to close
     assert listening and set(listening) == {"127.0.0.1"}
