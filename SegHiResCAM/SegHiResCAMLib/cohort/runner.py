@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError, internal_error_line
+from ..errors import InputError, internal_error_line, one_line
 from ..progress import ProgressCallback
 from ..settings import ExplainSettings
 from .cases import Case, read_cases
@@ -42,6 +42,8 @@ ResultCallback = Callable[[CaseResult], None]
 NoticeCallback = Callable[[str], None]
 # results.csv is rewritten at most this often while cases finish (and always at the end).
 RESULTS_INTERVAL_SECONDS = 1.0
+WORKER_CANNOT_IMPORT = ("a Dask worker could not run the case ({error}); install seghirescam (the same version) in "
+                        "the workers' environment, as in this command's")
 WORKER_DIED = ("the worker running this case died {runs} times (out of memory, or a crash in a library); it was not "
                "tried again: run it alone with 'seghirescam explain' to see why")
 
@@ -217,6 +219,8 @@ class OnDask:
                 except KilledWorker as error:
                     runs = getattr(error, "allowed_failures", 2) + 1
                     result = _failed(case, WORKER_DIED.format(runs=runs))
+                except ImportError as error:  # the worker could not unpickle the task: its environment lacks us
+                    result = _failed(case, WORKER_CANNOT_IMPORT.format(error=one_line(error)))
                 except Exception as error:  # noqa: BLE001 - a bug in one case is that case's failure, recorded
                     result = _failed(case, internal_error_line(error, REPORT_ADVICE, "explaining the case"))
                 deliver(result)
