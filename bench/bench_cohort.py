@@ -18,7 +18,9 @@ process) importing torch and loading the model; "run" is the cases alone. The sc
 case is ``(run of dask 1xN - run of loop) / cases``: the same torch threads, the same allocator
 (this script re-runs itself under the workers' ``FAST_ALLOCATOR``). "CPU s/case" is the CPU time of
 everything (this process with the scheduler, and the workers) per case: on a shared, loaded machine
-it is steadier than the wall times. Medians over ``--rounds``.
+it is steadier than the wall times. "in-worker s/case" is the mean time a case took inside its
+worker (reading, explaining, writing: the results table's ``seconds``); the wall time per case beyond
+it is what scheduling and recording cost. Medians over ``--rounds``.
 
     python bench/bench_cohort.py                # 8 cases of 32^3, 2 rounds
     python bench/bench_cohort.py --cases 16 --size 48
@@ -36,6 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import SimpleITK as sitk
 
@@ -73,14 +76,14 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def measured(run, cases: list[Case], out: Path) -> tuple[float, float, float]:
-    """(start s, run s, CPU s of everything) of one configuration."""
+def measured(run, cases: list[Case], out: Path) -> tuple[float, float, float, float]:
+    """(start s, run s, CPU s of everything, mean seconds a case took inside its worker) of one configuration."""
     before = cpu_seconds()
-    start, ran = run(cases, out)
-    return start, ran, cpu_seconds() - before
+    start, ran, results = run(cases, out)
+    return start, ran, cpu_seconds() - before, statistics.mean(row.seconds for row in results)
 
 
-def run_loop(cases: list[Case], out: Path) -> tuple[float, float]:
+def run_loop(cases: list[Case], out: Path) -> tuple[float, float, Any]:
     import torch
 
     torch.set_num_threads(cpu_count())
@@ -88,11 +91,11 @@ def run_loop(cases: list[Case], out: Path) -> tuple[float, float]:
     started = time.perf_counter()
     warm(job)
     ready = time.perf_counter()
-    _check(run_cohort(cases, job, InProcess()))
-    return ready - started, time.perf_counter() - ready
+    results = _check(run_cohort(cases, job, InProcess()))
+    return ready - started, time.perf_counter() - ready, results
 
 
-def run_dask(cases: list[Case], out: Path, workers: int) -> tuple[float, float]:
+def run_dask(cases: list[Case], out: Path, workers: int) -> tuple[float, float, Any]:
     plan = LocalPlan(workers=workers, threads=max(1, cpu_count() // workers), gpus=0)
     job = dataclasses.replace(prepare_job(DATA / "demo_unet3d.pt", SETTINGS, out), threads=plan.threads)
     started = time.perf_counter()
@@ -103,14 +106,14 @@ def run_dask(cases: list[Case], out: Path, workers: int) -> tuple[float, float]:
         results = run_cohort(cases, job, OnDask(client))
         ran = time.perf_counter() - ready
         closing = time.perf_counter()
-    _check(results)
-    return ready - started + time.perf_counter() - closing, ran
+    return ready - started + time.perf_counter() - closing, ran, _check(results)
 
 
-def _check(results) -> None:
+def _check(results: Any) -> Any:
     failed = [row for row in results if row.status != "ok"]
     if failed:
         raise SystemExit(f"benchmark case failed: {failed[0].case}: {failed[0].error}")
+    return results
 
 
 def main() -> None:
@@ -127,7 +130,7 @@ def main() -> None:
     if cores >= 2:
         configurations[f"dask 2x{cores // 2}"] = lambda c, o: run_dask(c, o, 2)
     load_before = os.getloadavg()
-    times: dict[str, list[tuple[float, float, float]]] = {name: [] for name in configurations}
+    times: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in configurations}
     with tempfile.TemporaryDirectory(prefix="seghirescam-bench-") as folder:
         cases = write_cases(Path(folder), args.cases, args.size)
         for round_index in range(args.rounds):
@@ -136,16 +139,18 @@ def main() -> None:
     load_after = os.getloadavg()
     print(f"{args.cases} cases of {args.size}^3, demo 3D U-Net, 2 methods, {cores} cores, median of {args.rounds} "
           f"rounds; load average before {load_before[0]:.1f}, after {load_after[0]:.1f}")
-    print(f"{'configuration':<16} {'start s':>8} {'run s':>8} {'cases/min':>10} {'with start':>11} {'CPU s/case':>11}")
+    print(f"{'configuration':<16} {'start s':>8} {'run s':>8} {'cases/min':>10} {'with start':>11} {'CPU s/case':>11} "
+          f"{'in-worker s/case':>17}")
     median = {name: [statistics.median(values) for values in zip(*measured_times)]
               for name, measured_times in times.items()}
-    for name, (start, ran, cpu) in median.items():
+    for name, (start, ran, cpu, inside) in median.items():
         print(f"{name:<16} {start:8.2f} {ran:8.2f} {60 * args.cases / ran:10.1f} {60 * args.cases / (start + ran):11.1f} "
-              f"{cpu / args.cases:11.2f}")
+              f"{cpu / args.cases:11.2f} {inside:17.2f}")
     loop, one = median["loop"], median[f"dask 1x{cores}"]
     print(f"scheduler cost per case (dask 1x{cores} run - loop run) / cases: {(one[1] - loop[1]) / args.cases:+.3f} s "
           f"({(one[1] - loop[1]) / loop[1] * 100:+.1f} % of the loop); CPU s per case, all included (start, workers, "
-          f"scheduler): {(one[2] - loop[2]) / args.cases:+.3f} s")
+          f"scheduler): {(one[2] - loop[2]) / args.cases:+.3f} s; wall per case beyond the case's own time: loop "
+          f"{loop[1] / args.cases - loop[3]:+.3f} s, dask 1x{cores} {one[1] / args.cases - one[3]:+.3f} s")
 
 
 if __name__ == "__main__":
