@@ -128,8 +128,10 @@ def local_client(plan: LocalPlan) -> Iterator[Any]:
     workers = {index: {"cls": Nanny, "options": {
         # One case at a time per worker. No memory limit: the engine sizes its batches to the free
         # memory, and Dask's limit would restart a worker in the middle of a large case instead.
+        # Each case records its own problems; Dask's worker logs (a heartbeat racing the shutdown)
+        # would only clutter the command's output.
         "host": LOOPBACK, "nthreads": 1, "memory_limit": 0, "dashboard": False, "local_directory": scratch,
-        "silence_logs": logging.ERROR,
+        "silence_logs": logging.CRITICAL,
         "env": {"CUDA_VISIBLE_DEVICES": str(index)} if plan.gpus else {},
         "resources": {"GPU": 1} if plan.gpus else None}} for index in range(plan.workers)}
     threads = str(plan.threads)
