@@ -30,6 +30,9 @@ _LAZY = {
     "LoadedModel": "models.loading",
     "ModelCard": "models.card",
     "Volume": "volume",
+    "SlidingWindow": "windows",
+    "predict": "engine.sliding_window",
+    "show": "evaluation.viewer",
 }
 
 __all__ = sorted(_LAZY)

@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="print the full traceback on errors")
-    commands = parser.add_subparsers(dest="command", metavar="{explain,batch,layers,demo}", parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", metavar="{explain,batch,layers,demo,evaluate}", parser_class=_Parser)
     commands.required = True
 
     explain = commands.add_parser(
@@ -139,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--layer", metavar="NAME", help="layer to explain in every model (default: each model card's)")
     demo.add_argument("--data", metavar="DIR", help="folder with the demo image and models (default: the bundled ones)")
     _add_device(demo)
+
+    from .evaluation import command as evaluate_command
+
+    evaluate_command.add_arguments(commands.add_parser("evaluate", help=evaluate_command.HELP,
+                                                       description=evaluate_command.DESCRIPTION))
     return parser
 
 
@@ -267,7 +272,14 @@ def run_batch(args: argparse.Namespace) -> int:
                              lambda line: print(f"{PROG}: error: {line}", file=sys.stderr, flush=True))
 
 
-COMMANDS = {"explain": run_explain, "batch": run_batch, "layers": run_layers, "demo": run_demo_command}
+def run_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation.command import run
+
+    return run(args)
+
+
+COMMANDS = {"explain": run_explain, "batch": run_batch, "layers": run_layers, "demo": run_demo_command,
+            "evaluate": run_evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,10 @@ or ``1[map > threshold]``), and predicted again. With ``P = m s_c`` (class-c pro
 the ROI ``m`` of the ORIGINAL prediction) and ``P~`` the same on ``x~``:
 
 - Prediction Preserved ``PP = sum_p min(P~(p), P(p)) / sum_p P(p)`` in [0, 1], higher is better;
-- Image Preserved ``IP = mean_p a(p)`` in [0, 1], lower is better (the map keeps less of the image).
+- Image Preserved ``IP = mean_p a(p)`` in [0, 1], lower is better (the map keeps less of the image);
+- Excess Prediction (AttributionQuality, JMI 2023) ``EP = sum_p max(P~(p) - P(p), 0) / sum_p P(p)``,
+  ``>= 0``, lower is better: prediction inside the ROI that the masked image has and the original
+  had not (the masking created evidence instead of keeping it).
 
 ``targets.roi_prediction`` (``P`` and its ROI) is shared with ``engine.kernel_weighted``, whose
 ablations use the same ``min(P~, P)`` terms. The ``threshold`` of :func:`masking_scores` is the
@@ -31,10 +34,12 @@ from .targets import roi_prediction
 @dataclass(frozen=True)
 class MaskingScores:
     """Prediction Preserved (higher = the map keeps what the model needs; NaN when the ROI is
-    empty) and Image Preserved (lower = the map keeps less of the image)."""
+    empty), Image Preserved (lower = the map keeps less of the image) and Excess Prediction
+    (lower = the masking created less prediction that was not there; NaN when the ROI is empty)."""
 
     prediction_preserved: float
     image_preserved: float
+    excess_prediction: float
 
 
 def masking_scores(model: nn.Module, image, heatmap, *, target_class: int, roi=None, threshold: float | None = None,
@@ -51,7 +56,7 @@ def masking_scores(model: nn.Module, image, heatmap, *, target_class: int, roi=N
         baseline: the intensity that replaces what the map removes (0 for normalised images).
 
     Returns:
-        MaskingScores(prediction_preserved, image_preserved).
+        MaskingScores(prediction_preserved, image_preserved, excess_prediction).
 
     Raises:
         InputError: the heatmap has the wrong shape, NaN values or values outside [0, 1].
@@ -64,7 +69,7 @@ def masking_scores(model: nn.Module, image, heatmap, *, target_class: int, roi=N
     samples, roi_t, _ = arrange_samples(image_t, roi, spatial_dims, slice_axis)
     masked_samples, _, _ = arrange_samples(masked, None, spatial_dims, slice_axis)
     run_device = resolve_device(device)
-    sums = torch.zeros(2, dtype=torch.float64)
+    sums = torch.zeros(3, dtype=torch.float64)
     with prepared_model(model, run_device), torch.inference_mode():
 
         def predict_both(index: torch.Tensor) -> None:
@@ -75,6 +80,7 @@ def masking_scores(model: nn.Module, image, heatmap, *, target_class: int, roi=N
             changed, _ = roi_prediction(output[len(index):], target_class, weights, multilabel, probabilities)
             sums[0] += original.sum().cpu()
             sums[1] += torch.minimum(changed, original).sum().cpu()
+            sums[2] += torch.clamp(changed - original, min=0).sum().cpu()
 
         # Each chunk holds every sample twice (original and masked).
         size = fitting_count(model, samples[:1].to(run_device), samples.shape[0], factor=2)
@@ -82,10 +88,10 @@ def masking_scores(model: nn.Module, image, heatmap, *, target_class: int, roi=N
     if sums[0] <= 0:
         _warnings.warn(f"the region to score (class {target_class}) is empty, so Prediction Preserved is undefined "
                        "(NaN); choose a region or class that is present", RuntimeWarning, stacklevel=2)
-        preserved = float("nan")
+        preserved = excess = float("nan")
     else:
-        preserved = float(sums[1] / sums[0])
-    return MaskingScores(preserved, float(kept_fraction.mean()))
+        preserved, excess = float(sums[1] / sums[0]), float(sums[2] / sums[0])
+    return MaskingScores(preserved, float(kept_fraction.mean()), excess)
 
 
 def _kept_fraction(heatmap, spatial: tuple[int, ...], keep_threshold: float | None) -> torch.Tensor:
