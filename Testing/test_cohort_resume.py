@@ -266,3 +266,18 @@ def test_the_attempt_log_leaves_out_a_line_still_being_written(tmp_path):
     (tmp_path / "c01" / ATTEMPTS_FILE).write_text('{"event": "started", "pid": 1}\n{"event": "fini', encoding="utf-8")
     assert read_attempts(tmp_path, "c01") == [{"event": "started", "pid": 1}]
     assert read_attempts(tmp_path, "c02") == []
+
+
+def test_the_local_plan_shares_the_cores_and_refuses_a_gpu_that_is_not_there(monkeypatch):
+    from SegHiResCAMLib.cohort import cluster
+
+    monkeypatch.setattr(cluster, "cpu_count", lambda: 16)
+    assert cluster.plan_local(None, "cpu") == cluster.LocalPlan(workers=2, threads=8, gpus=0)
+    assert cluster.plan_local(3, "cpu") == cluster.LocalPlan(workers=3, threads=5, gpus=0)
+    monkeypatch.setattr(cluster, "cpu_count", lambda: 1)
+    assert cluster.plan_local(None, "cpu") == cluster.LocalPlan(workers=1, threads=1, gpus=0)
+    with pytest.raises(InputError, match="positive number"):
+        cluster.plan_local(0, "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="cannot use one here"):
+            cluster.plan_local(None, "cuda")

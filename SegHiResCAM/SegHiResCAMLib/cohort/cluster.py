@@ -29,6 +29,11 @@ EXTRA_HINT = "pip install 'seghirescam[cohort]'"
 #: Retries of a case whose worker died (the scheduler's "allowed failures"): three runs at most.
 RETRIES_AFTER_WORKER_DEATH = 2
 LOOPBACK = "127.0.0.1"
+# Local CPU workers by default. Two beat one on every core: a case also reads and writes files on
+# one core, and a Dask worker's own threads stall torch's all-core steps (bench/bench_cohort.py on
+# 2 cores: 87 cases/min for 2 workers x 1 thread, 33 for 1 x 2, 45 for a plain loop). Not more, so
+# that the memory of large volumes stays that of two cases at a time; --workers asks for others.
+CPU_WORKERS = 2
 # Variables the nanny sets in its own process before it starts each worker (see _kept_environment).
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
@@ -96,15 +101,14 @@ def plan_local(workers: int | None, device: str) -> LocalPlan:
     """How many workers and threads a local cluster gets.
 
     Args:
-        workers: worker processes; None = one per GPU, or one on a machine without GPUs (torch
-            then uses every core in one process: as fast as two workers on two cores, see
-            bench/bench_cohort.py, and with half the memory).
+        workers: worker processes; None = one per GPU, or on a machine without GPUs
+            :data:`CPU_WORKERS` (one on a single core), each with its share of the cores.
         device: the settings' device ("auto", "cpu", "cuda", "cuda:N").
     """
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise InputError(f"the number of workers must be a positive number, got {workers!r}")
     gpus = gpu_count(device)
-    count = workers if workers is not None else max(gpus, 1)
+    count = workers if workers is not None else (gpus or min(CPU_WORKERS, cpu_count()))
     if gpus and count > gpus:
         raise InputError(f"{count} workers were asked for but this machine has {gpus} GPU"
                          f"{'s' if gpus != 1 else ''} (one worker each); give --workers {gpus} or fewer, or "

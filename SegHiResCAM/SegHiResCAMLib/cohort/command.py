@@ -53,7 +53,8 @@ def add_batch_parser(commands: argparse._SubParsersAction, explain: argparse.Arg
     batch.add_argument("--methods", dest="method", nargs="+", action="extend", metavar="M",
                        help="several methods at once (the same as repeating --method)")
     batch.add_argument("--workers", type=int, metavar="N",
-                       help="worker processes of the local cluster (default: one per GPU, else one); needs Dask")
+                       help="worker processes of the local cluster (default: one per GPU, else two sharing the CPU "
+                       "cores); needs Dask")
     batch.add_argument("--scheduler", metavar="ADDRESS",
                        help="run on the Dask cluster whose scheduler is at ADDRESS (tcp://host:8786) instead of a "
                        "local one; its workers must see the model, the images and DIR at the same paths")

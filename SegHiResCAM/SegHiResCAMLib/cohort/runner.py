@@ -75,7 +75,7 @@ def explain_cohort(
         client: a ``distributed.Client``, or a scheduler address ("tcp://host:8786"), to run on;
             None starts a local cluster (bound to 127.0.0.1) for the run and closes it afterwards,
             or runs in this process when Dask is not installed.
-        workers: worker processes of the local cluster (None: one per GPU, else one).
+        workers: worker processes of the local cluster (None: one per GPU, else two sharing the cores).
         trust_code: allow running code that comes with the model.
         progress: ``progress(fraction, message)`` as cases finish (message: count, rate, time left).
         on_result: called with each case's :class:`~.store.CaseResult` as it finishes.
