@@ -188,12 +188,12 @@ def _check_channels(card, image: Volume, files: int) -> None:
 
 
 def _list_layers(request: LayersRequest) -> LayersResult:
-    from .engine.layers import list_layers
+    from .engine.layers import list_layers, probe_shape
 
     with _step("loading the model"):
         loaded = load_model_for(request.model, trust_code=request.trust_code)
     card = loaded.card
-    shape = card.example_shape(request.size)
+    shape = probe_shape(loaded.module, card.example_shape(request.size))
     with _step("listing the layers"):
         infos = list_layers(loaded.module, shape)
     return LayersResult(card.name, card.spatial_dims, card.class_names, card.layers, tuple(shape), tuple(infos),

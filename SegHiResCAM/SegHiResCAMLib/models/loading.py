@@ -4,6 +4,7 @@ Supported (``load_model`` tells them apart by what is on disk):
 
 | what the path is | kind |
 | --- | --- |
+| ``torch.export`` archive (``.pt2``, ``torch.export.save``) | ``exported-program`` |
 | TorchScript file (``torch.jit.script``/``trace``; MONAI's ``model.ts``) | ``torchscript`` |
 | state dict + model card ``<stem>.json``/``model.json`` naming the network | ``state-dict`` |
 | state dict + bare network spec ``{"name": "UNet", "args": {...}}`` (MONAI nets) | ``monai-network`` |
@@ -11,7 +12,8 @@ Supported (``load_model`` tells them apart by what is on disk):
 | nnU-Net v2 results folder, fold folder or ``checkpoint_final.pth`` | ``nnunet`` |
 | Python file defining ``build_model()`` + ``<stem>.pth`` (needs ``trust_code``) | ``python`` |
 
-Loading never unpickles arbitrary objects: ``torch.load(..., weights_only=True)``. A card
+Loading never unpickles arbitrary objects: ``torch.load(..., weights_only=True)``, and ``.pt2``
+archives are checked before ``torch.export.load`` reads them (``exported_archive``). A card
 JSON beside a model (``<stem>.json``, or ``model.json`` in its folder) overrides, key by key,
 what the loader read from the bundle, plans or network.
 """
@@ -117,6 +119,14 @@ def _load_torchscript(source: Path) -> LoadedModel:
     return LoadedModel(module=module.eval(), card=card, source=source, kind="torchscript")
 
 
+def _load_exported(source: Path) -> LoadedModel:
+    from .exported import card_defaults, fit_card, load_exported
+
+    module = load_exported(source)
+    card = fit_card(module, _with_card_beside(ModelCard(name=source.stem, **card_defaults(module)), source))
+    return LoadedModel(module=module.eval(), card=card, source=source, kind="exported-program")
+
+
 def _load_bundle(folder: Path, trust_code: bool) -> LoadedModel:
     from . import monai_models
 
@@ -166,6 +176,7 @@ def load_model(path: str | Path, *, trust_code: bool = False) -> LoadedModel:
         MissingDependencyError: the model needs an optional package (the message names the extra).
     """
     from . import monai_models, nnunet
+    from .exported_archive import is_exported_program_file
     from .torchscript import is_torchscript_file
 
     source = Path(path)
@@ -184,6 +195,8 @@ def load_model(path: str | Path, *, trust_code: bool = False) -> LoadedModel:
         return _load_python(source, trust_code)
     if nnunet.is_results_folder(source.parent.parent) and source.parent.name.startswith("fold_"):
         return _load_nnunet(source)
+    if source.suffix == ".pt2" or is_exported_program_file(source):
+        return _load_exported(source)
     if is_torchscript_file(source):
         return _load_torchscript(source)
     if source.suffix == ".json":
