@@ -89,13 +89,15 @@ class LayersResult:
 
 
 def run_request(request: Request, progress: ProgressCallback | None = None,
-                warn: WarnCallback | None = None) -> ExplainResult | LayersResult:
+                warn: WarnCallback | None = None, *, model: Any = None) -> ExplainResult | LayersResult:
     """Run one request (:class:`ExplainRequest` or :class:`LayersRequest`).
 
     ``progress(fraction, message)`` follows the run (raise ``CancelledError`` from it to stop);
     ``warn(message)`` receives each distinct warning once: the engine's notes and SegHiResCAM's own
     ``warnings.warn`` (:class:`~SegHiResCAMLib.errors.SegHiResCAMWarning`); other libraries' warnings
     go to the debug log (:mod:`~SegHiResCAMLib.warning_relay`).
+    ``model``: the request's model already loaded (a ``LoadedModel`` of ``request.model`` with
+    ``request.trust_code``), so that a process explaining many cases loads it once; None loads it.
 
     Raises:
         SegHiResCAMError: a problem the user can fix (a one-sentence message), or an
@@ -105,7 +107,7 @@ def run_request(request: Request, progress: ProgressCallback | None = None,
     with relayed_warnings(relay):
         if isinstance(request, LayersRequest):
             return _list_layers(request)
-        return _explain(request, progress or (lambda fraction, message: None), relay)
+        return _explain(request, progress or (lambda fraction, message: None), relay, model)
 
 
 def method_outputs(out: str | Path, methods: Sequence[str]) -> tuple[Path, ...]:
@@ -144,7 +146,7 @@ def _step(stage: str) -> Iterator[None]:
         raise InternalError.during(stage, error) from error
 
 
-def _explain(request: ExplainRequest, progress: ProgressCallback, relay: WarnCallback) -> ExplainResult:
+def _explain(request: ExplainRequest, progress: ProgressCallback, relay: WarnCallback, model: Any) -> ExplainResult:
     from .io.channels import read_channels
     from .io.images import read_mask, write_image
     from .io.outputs import check_distinct_outputs, check_output_path
@@ -169,7 +171,7 @@ def _explain(request: ExplainRequest, progress: ProgressCallback, relay: WarnCal
             point_voxel(image.ijk_to_ras, image.spatial_shape, settings.point.ras, name)
     with _step("loading the model"):
         progress(0.0, f"loading the model {Path(request.model).name}")
-        loaded = load_model_for(request.model, trust_code=request.trust_code)
+        loaded = model if model is not None else load_model_for(request.model, trust_code=request.trust_code)
         _check_channels(loaded.card, image, len(request.images))
     with _step("explaining"):
         maps, explanation = explain_volume(loaded, image, settings, roi=roi, progress=progress)
