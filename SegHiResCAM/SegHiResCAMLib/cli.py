@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 from typing import Any, TextIO
 
-from . import __version__, catalog
+from . import __version__, catalog, window_options
 from .cohort.command import add_batch_parser
 from .errors import InputError, InternalError, SegHiResCAMError, internal_error_line, one_line
 from .warning_relay import debug_log_to, distinct, relayed_warnings
@@ -124,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--png", metavar="PATH",
                          help="also write an axial slice with the heatmap over the image (named like --out per method)")
     _add_device(explain)
+    window_options.add_arguments(explain)  # batch copies them with explain's other options
     _add_trust(explain)
     add_batch_parser(commands, explain)
 
@@ -206,6 +207,7 @@ def explain_settings(args: argparse.Namespace):
         target_class=_class_or_name(args.target_class), layers=tuple(args.layer or ()),
         methods=tuple(args.method or (catalog.DEFAULT_METHOD,)), target=args.target, target_threshold=args.threshold,
         device=args.device, slice_axis=args.slice_axis, region=args.region, point=_point(args, RegionPoint),
+        sliding_window=window_options.window_choice(args),
     )
 
 
