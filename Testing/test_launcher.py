@@ -1,8 +1,8 @@
 """The worker launcher against the real worker process (``python -m SegHiResCAMLib.worker``).
 
 Covers what the Slicer panel relies on: progress lines then one result, a result file
-with the input's geometry, cancel that kills the whole process tree and removes the temp
-folder, and one one-line error per bad input.
+with the input's geometry, and one one-line error per bad input. Cancel behind a launcher,
+as Slicer runs the worker, is in test_launcher_cancel.py.
 """
 
 from __future__ import annotations
@@ -18,9 +18,13 @@ import psutil
 import pytest
 
 from SegHiResCAMLib.io.images import read_image, write_image
+from SegHiResCAMLib.settings import ExplainSettings
 from SegHiResCAMLib.volume import Volume
 from SegHiResCAMLib.worker.launcher import WorkerProcess
-from SegHiResCAMLib.worker.protocol import Request
+from SegHiResCAMLib.worker.protocol import ExplainRequest
+
+# Every test here starts a fresh Python + torch process: the slow half of the suite.
+pytestmark = pytest.mark.process
 
 MODEL = Path(__file__).resolve().parents[1] / "SegHiResCAM" / "Resources" / "Models" / "SelfTestBallUNet.pt"
 IJK_TO_RAS = np.array([[-1.2, 0, 0, 20.0], [0, -1.2, 0, -5.0], [0, 0, 2.0, 7.0], [0, 0, 0, 1]])
@@ -44,9 +48,12 @@ def start_worker(worker: WorkerProcess, tmp_path: Path, size: int = 32, **fields
     roi = worker.path("roi.nrrd")
     write_image(volume.with_array(ball.astype(np.uint8)), roi)
     output = worker.path("heatmap.nrrd")
-    request = dict(image=str(image), model=str(MODEL), output=str(output), roi=str(roi), target_class=1, device="cpu")
-    request.update(fields)
-    worker.start(Request(**request))
+    paths = dict(images=[str(image)], model=str(MODEL), outputs=[str(output)], roi=str(roi), roi_label=1)
+    paths.update({key: fields.pop(key) for key in list(fields) if key in paths})
+    if "image" in fields:
+        paths["images"] = [fields.pop("image")]
+    settings = dict(ExplainSettings(target_class=1, device="cpu").to_dict(), **fields)
+    worker.start({"kind": "explain", **paths, "settings": settings})  # as written, for the worker to check
     return output
 
 
@@ -95,35 +102,13 @@ def test_poll_never_blocks_and_delivers_the_same_events_as_wait(tmp_path):
         assert worker.poll() == []
 
 
-def test_cancel_mid_run_kills_the_process_tree_and_removes_the_temp_folder(tmp_path):
-    # PythonSlicer is a launcher that starts the real Python as a child: mimic it with a
-    # shell script that does not exec, so the worker is a grandchild of the launcher.
-    wrapper = tmp_path / "PythonLauncher"
-    wrapper.write_text(f'#!/bin/sh\n"{sys.executable}" "$@"\necho launcher-done\n')
-    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
-    worker = WorkerProcess(python_executable=wrapper)
-    start_worker(worker, tmp_path, size=64)
-    deadline = time.monotonic() + 60
-    seen = []
-    while not any(e["event"] == "progress" for e in seen) and time.monotonic() < deadline:
-        seen.extend(worker.wait(timeout=0.1))
-    tree = [worker.pid] + [p.pid for p in psutil.Process(worker.pid).children(recursive=True)]
-    assert worker.running and len(tree) >= 2, "the worker must be mid-run, below its launcher"
-    temp_dir = worker.temp_dir
-    worker.cancel()
-    assert all(gone(pid) for pid in tree), "every process of the tree must be gone"
-    assert not temp_dir.exists()
-    assert worker.cancelled and worker.closed
-    assert not any(e["event"] in ("result", "error") for e in seen + worker.poll())
-
-
 @pytest.mark.parametrize(
     "fields, expected",
     [
         ({"model": "/no/such/model.pt"}, "does not exist"),
-        ({"layer": "decoder.99"}, "decoder.99"),
+        ({"layers": ["decoder.99"]}, "decoder.99"),
         ({"target_class": 7}, "class 7"),
-        ({"method": "no-such-cam"}, "no-such-cam"),
+        ({"methods": ["no-such-cam"]}, "no-such-cam"),
         ({"image": "/no/such/image.nrrd"}, "image.nrrd"),
     ],
     ids=["missing-model", "unknown-layer", "unknown-class", "unknown-method", "missing-image"],
@@ -155,7 +140,8 @@ def test_a_worker_that_dies_silently_is_reported_as_one_error(tmp_path):
     broken.write_text("#!/bin/sh\necho 'Fatal Python error: init failed' >&2\nexit 3\n")
     broken.chmod(broken.stat().st_mode | stat.S_IEXEC)
     with WorkerProcess(python_executable=broken) as worker:
-        worker.start(Request(image="x.nrrd", model="m.pt", output="o.nrrd"))
+        worker.start(ExplainRequest(images=("x.nrrd",), model="m.pt", outputs=("o.nrrd",),
+                                    settings=ExplainSettings(target_class=1)))
         events = worker.wait(timeout=30)
     assert [e["event"] for e in events] == ["error"]
     assert "exit status 3" in events[0]["message"] and "init failed" in events[0]["message"]

@@ -126,6 +126,7 @@ def test_hand_bound_fields_have_their_widgets_in_the_ui():
     widgets = ui_widgets()
     assert widgets["layerComboBox"].get("class") == "QComboBox"
     assert widgets["roiSegmentSelector"].get("class") == "qMRMLSegmentSelectorWidget"
+    assert widgets["methodsListWidget"].get("class") == "QListWidget"
     source = MODULE_FILE.read_text(encoding="utf-8")
     for field in hand_bound():
         assert f"_parameterNode.{field} = " in source, f"the widget never writes the hand-bound field '{field}'"
@@ -147,6 +148,44 @@ def test_widgets_the_code_uses_exist_in_the_ui():
     used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text(encoding="utf-8")))
     missing = used - set(ui_widgets())
     assert not missing, f"SegHiResCAM.py uses widgets the .ui lacks: {sorted(missing)}"
+
+
+def enum_values(name: str) -> list[str]:
+    """The member values of an enum class in SegHiResCAM.py, in order."""
+    return [ast.literal_eval(stmt.value) for stmt in class_def(name).body
+            if isinstance(stmt, ast.Assign) and isinstance(stmt.value, ast.Constant)]
+
+
+@pytest.mark.parametrize("enum, choices", [("CamMethod", "METHOD_CHOICES"), ("TargetKind", "TARGET_CHOICES"),
+                                           ("ComputeDevice", "DEVICE_CHOICES"), ("RegionKind", "REGION_CHOICES")])
+def test_the_panels_choices_are_the_catalogs_in_its_order(enum, choices):
+    from SegHiResCAMLib import catalog
+
+    assert enum_values(enum) == list(catalog.names(getattr(catalog, choices)))
+    label = next(n for n in class_def(enum).body if isinstance(n, ast.FunctionDef) and n.name == "label")
+    assert repr(choices) in ast.unparse(label), "labels come from the catalog"
+
+
+def test_the_target_threshold_widget_stays_strictly_inside_zero_to_one():
+    widget = ui_widgets()["targetThresholdSliderWidget"]
+    values = {p.get("name"): float(p.findtext("double")) for p in widget.findall("property") if p.find("double") is not None}
+    annotation = parameter_fields()["targetThreshold"]
+    low, high = (float(v) for v in re.search(r"WithinRange\(([\d.]+), ([\d.]+)\)", annotation).groups())
+    assert 0.0 < values["minimum"] == low < values["value"] < values["maximum"] == high < 1.0
+
+
+def test_the_logic_reads_every_explanation_and_display_choice_in_one_place():
+    cls = class_def("SegHiResCAMLogic")
+    method = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "settingsFromParameterNode")
+    read = {node.attr for node in ast.walk(method) if isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name) and node.value.id == "p"}
+    # The job's inputs (the input volume is read too: a point is read in its frame).
+    inputs = {"modelPath", "roiSegmentation", "roiSegmentId", "outputHeatmap", "extraVolume1", "extraVolume2",
+              "extraVolume3"}
+    assert read == set(parameter_fields()) - inputs
+    widget = class_def("SegHiResCAMWidget")
+    calls = {ast.unparse(node.func) for node in ast.walk(widget) if isinstance(node, ast.Call)}
+    assert "self.logic.settingsFromParameterNode" in calls and "self.logic.start" in calls
 
 
 # -- module file hygiene ---------------------------------------------------------------------
@@ -189,6 +228,8 @@ def test_logic_process_has_the_documented_console_signature():
         assert keyword in names
     defaults = dict(zip(names[-len(process.args.defaults):], process.args.defaults))
     assert ast.literal_eval(defaults["device"]) == "auto" and ast.literal_eval(defaults["waitForCompletion"]) is True
+    start = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "start")
+    assert [a.arg for a in start.args.args][:4] == ["self", "inputVolume", "modelPath", "settings"]
 
 
 def test_module_metadata_cites_both_papers_and_explains_limits():

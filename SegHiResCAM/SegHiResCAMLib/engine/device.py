@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from .torch_errors import is_out_of_memory
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -50,10 +51,6 @@ def prepared_model(model: nn.Module, device: torch.device) -> Iterator[nn.Module
             model.to(original_device)
         for name, module in model.named_modules():
             module.training = training.get(name, module.training)
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
 def memory_budget(device: torch.device) -> int:
@@ -101,8 +98,10 @@ def forward_bytes(model: nn.Module, probe: torch.Tensor) -> int:
 
 
 def fitting_count(model: nn.Module, probe: torch.Tensor, limit: int, factor: float = 1.0) -> int:
-    """How many samples like ``probe`` (at most ``limit``) fit the memory budget at once,
+    """How many samples like ``probe`` (at most ``limit``, and at most the model's ``batch_limit``
+    if it has one, as exported programs with a fixed batch size do) fit the memory budget at once,
     when each needs ``factor`` times its forward pass's outputs."""
+    limit = min(limit, getattr(model, "batch_limit", None) or limit)
     if limit <= 1:
         return 1
     per_sample = max(1, int(factor * forward_bytes(model, probe)))

@@ -20,11 +20,18 @@ class LayerInfo:
     output_shape: tuple[int, ...] | None
 
 
+def probe_shape(model: nn.Module, example_shape: Sequence[int]) -> tuple[int, ...]:
+    """``example_shape``, with the sizes a model accepts only one value for (an exported program's
+    fixed axes, from its ``accepted_shape``) put in."""
+    accepted = getattr(model, "accepted_shape", None)
+    return tuple(accepted(example_shape)) if accepted is not None else tuple(example_shape)
+
+
 def list_layers(model: nn.Module, example_shape: Sequence[int]) -> list[LayerInfo]:
-    """Run one no-grad forward pass on zeros of ``example_shape`` (with batch, e.g. ``(1, 1, 64, 64, 64)``)
-    and return every named submodule with the shape of its output."""
+    """Run one no-grad forward pass on zeros of ``example_shape`` (with batch, e.g. ``(1, 1, 64, 64, 64)``;
+    see :func:`probe_shape`) and return every named submodule with the shape of its output."""
     device = model_device(model)
-    example = torch.zeros(tuple(example_shape), device=device)
+    example = torch.zeros(probe_shape(model, example_shape), device=device)
     if hasattr(model, "forward_capturing"):
         names = model.layer_names()
         with torch.no_grad(), prepared_model(model, device):
@@ -49,4 +56,6 @@ def list_layers(model: nn.Module, example_shape: Sequence[int]) -> list[LayerInf
     finally:
         for handle in handles:
             handle.remove()
-    return [LayerInfo(name, type(module).__name__, shapes.get(name)) for name, module in modules]
+    # Stand-ins of exported programs carry the original class name.
+    return [LayerInfo(name, getattr(module, "original_name", type(module).__name__), shapes.get(name))
+            for name, module in modules]

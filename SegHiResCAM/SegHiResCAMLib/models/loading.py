@@ -4,6 +4,7 @@ Supported (``load_model`` tells them apart by what is on disk):
 
 | what the path is | kind |
 | --- | --- |
+| ``torch.export`` archive (``.pt2``, ``torch.export.save``) | ``exported-program`` |
 | TorchScript file (``torch.jit.script``/``trace``; MONAI's ``model.ts``) | ``torchscript`` |
 | state dict + model card ``<stem>.json``/``model.json`` naming the network | ``state-dict`` |
 | state dict + bare network spec ``{"name": "UNet", "args": {...}}`` (MONAI nets) | ``monai-network`` |
@@ -11,7 +12,8 @@ Supported (``load_model`` tells them apart by what is on disk):
 | nnU-Net v2 results folder, fold folder or ``checkpoint_final.pth`` | ``nnunet`` |
 | Python file defining ``build_model()`` + ``<stem>.pth`` (needs ``trust_code``) | ``python`` |
 
-Loading never unpickles arbitrary objects: ``torch.load(..., weights_only=True)``. A card
+Loading never unpickles arbitrary objects: ``torch.load(..., weights_only=True)``, and ``.pt2``
+archives are checked before ``torch.export.load`` reads them (``exported_archive``). A card
 JSON beside a model (``<stem>.json``, or ``model.json`` in its folder) overrides, key by key,
 what the loader read from the bundle, plans or network.
 """
@@ -26,8 +28,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..errors import ModelError, UnsafeModelError
+from ..errors import ModelError
 from .card import ModelCard, find_card
+from .trust import code_to_trust  # noqa: F401  (the trust question, torch-free; public here before)
+from .weights import fit_weights, load_state_dict
 
 
 @dataclass(frozen=True)
@@ -76,30 +80,6 @@ def _with_card_beside(card: ModelCard, source: Path) -> ModelCard:
     return ModelCard.from_dict({**card.to_dict(), **data})
 
 
-def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Load tensors only; refuse files that would need arbitrary unpickling."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as error:
-        raise ModelError(f"the model file {path} does not exist") from error
-    except Exception as error:  # torch raises UnpicklingError or RuntimeError here
-        message = str(error)
-        if "weights_only" in message or "Unpickl" in type(error).__name__ or "unpickl" in message.lower():
-            raise UnsafeModelError(
-                f"{path.name} contains pickled Python objects, not just weights; loading it would run "
-                "arbitrary code. Save the weights with torch.save(model.state_dict(), path), or export "
-                "the network with torch.jit.script/trace, and try again."
-            ) from error
-        raise ModelError(f"cannot read the model file {path}: {message.splitlines()[0]}") from error
-    for key in ("state_dict", "model", "network_weights"):  # Lightning, MONAI checkpoints, nnU-Net
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelError(f"{path.name} is not a state dict (a mapping of names to tensors)")
-    return state
-
-
 def build_network(card: ModelCard, source: Path) -> nn.Module:
     if not card.network or "name" not in card.network:
         raise ModelError(f"the model card for {source.name} has no 'network' entry saying how to build the network")
@@ -115,14 +95,6 @@ def build_network(card: ModelCard, source: Path) -> nn.Module:
 
 def _load_weights(module: nn.Module, weights: Path) -> None:
     fit_weights(module, load_state_dict(weights), f"the weights in {weights.name}", "the network described for them")
-
-
-def fit_weights(module: nn.Module, state: dict[str, torch.Tensor], weights: str, network: str) -> None:
-    """Load ``state`` into ``module``, or say which weights do not fit which network."""
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as error:
-        raise ModelError(f"{weights} do not fit {network}: {str(error).splitlines()[0]}") from error
 
 
 def _card_for_spec(spec: dict[str, Any], source: Path) -> ModelCard:
@@ -145,6 +117,14 @@ def _load_torchscript(source: Path) -> LoadedModel:
     module = load_torchscript(source)
     card = _with_card_beside(ModelCard(name=source.stem), source)
     return LoadedModel(module=module.eval(), card=card, source=source, kind="torchscript")
+
+
+def _load_exported(source: Path) -> LoadedModel:
+    from .exported import card_defaults, fit_card, load_exported
+
+    module = load_exported(source)
+    card = fit_card(module, _with_card_beside(ModelCard(name=source.stem, **card_defaults(module)), source))
+    return LoadedModel(module=module.eval(), card=card, source=source, kind="exported-program")
 
 
 def _load_bundle(folder: Path, trust_code: bool) -> LoadedModel:
@@ -182,22 +162,6 @@ def _load_python(source: Path, trust_code: bool) -> LoadedModel:
     return LoadedModel(module=module.eval(), card=card, source=source, kind="python")
 
 
-def code_to_trust(path: str | Path) -> str | None:
-    """Why loading ``path`` would run code that comes with the model, or None if it would not.
-
-    For the panel and the command line, to ask before ``load_model(path, trust_code=True)``.
-    """
-    from . import monai_models, python_builder
-
-    source = Path(path)
-    if source.suffix == ".py" and source.is_file():
-        return python_builder.untrusted_message(source)
-    if source.is_dir() and monai_models.is_bundle(source):
-        config = monai_models.read_config(monai_models.config_path(source))
-        return monai_models.code_in_network_def(config)
-    return None
-
-
 def load_model(path: str | Path, *, trust_code: bool = False) -> LoadedModel:
     """Load a model and its card from ``path`` (any kind in the module docstring's table).
 
@@ -212,6 +176,7 @@ def load_model(path: str | Path, *, trust_code: bool = False) -> LoadedModel:
         MissingDependencyError: the model needs an optional package (the message names the extra).
     """
     from . import monai_models, nnunet
+    from .exported_archive import is_exported_program_file
     from .torchscript import is_torchscript_file
 
     source = Path(path)
@@ -230,6 +195,8 @@ def load_model(path: str | Path, *, trust_code: bool = False) -> LoadedModel:
         return _load_python(source, trust_code)
     if nnunet.is_results_folder(source.parent.parent) and source.parent.name.startswith("fold_"):
         return _load_nnunet(source)
+    if source.suffix == ".pt2" or is_exported_program_file(source):
+        return _load_exported(source)
     if is_torchscript_file(source):
         return _load_torchscript(source)
     if source.suffix == ".json":

@@ -4,16 +4,21 @@ The heatmap becomes a scalar volume node with the reference volume's geometry, a
 colour table (Slicer's Inferno where the scene has it, a built-in heat table otherwise),
 window 0..1 and a lower threshold below which voxels are transparent. Running again with
 the same output node updates it in place. The reference volume (and anything else the
-user made) is never modified; a call that fails leaves no new node behind, the slice
-views as they were, and an output node updated in place with its previous voxels.
+user made) is never modified: an output node must be a heatmap this module made (it
+carries :data:`HEATMAP_ATTRIBUTE`, which the panel's output selector also filters on),
+and only nodes made here are named here. A call that fails leaves no new node behind,
+the slice views as they were, and an output node updated in place with its previous voxels.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import slicer
 
-from ..errors import InputError
+from ..catalog import method as method_choice
+from ..errors import DisplayError, InputError
 from ..volume import Volume
 from .scene import node_ids, remove_nodes_added_since
 from .volumes import array_from_node, ijk_to_ras_of_node, update_node_from_volume, volume_from_node
@@ -23,7 +28,8 @@ INFERNO_COLOR_NODE_ID = "vtkMRMLColorTableNodeFileInferno.txt"
 #: Attribute that marks the heat colour table this module creates when Inferno is absent.
 HEAT_TABLE_ATTRIBUTE = "SegHiResCAM.HeatColorTable"
 HEAT_TABLE_NAME = "SegHiResCAM Heat"
-#: Attributes kept on the heatmap node, so that the live sliders can rebuild the 3D look.
+#: Marks a volume node as a heatmap this module made (value "1"): only such a node may be
+#: overwritten as an output. Attributes are kept on it so the live sliders can rebuild the 3D look.
 HEATMAP_ATTRIBUTE = "SegHiResCAM.Heatmap"
 OPACITY_ATTRIBUTE = "SegHiResCAM.Opacity"
 REFERENCE_ROLE = "SegHiResCAMReference"
@@ -54,6 +60,7 @@ def show_heatmap(
     lower_threshold: float = 0.2,
     show_3d: bool = True,
     volume_rendering_logic: slicer.vtkSlicerVolumeRenderingLogic | None = None,
+    color_legend: bool = False,
 ) -> slicer.vtkMRMLScalarVolumeNode:
     """Create (or update in place) the heatmap volume node and show it in every view.
 
@@ -62,20 +69,25 @@ def show_heatmap(
         heatmap: ``(K, J, I)`` float array in [0, 1], in the reference volume's voxel grid.
         reference_volume_node: the explained image; gives the geometry and stays the
             slice views' background. It is not modified.
-        output_node: a heatmap node from an earlier run to update in place; None creates one.
-        name: node name; default "<reference name> heatmap" for a new node.
+        output_node: a heatmap node from an earlier run (or an empty node carrying
+            :data:`HEATMAP_ATTRIBUTE`) to update in place, keeping its name; None creates one.
+        name: the name of a new node; default :func:`heatmap_node_name`. An output node
+            given is never renamed.
         opacity: foreground opacity in the slice views (0..1).
         lower_threshold: values below it are transparent (0..1).
         show_3d: also show it with volume rendering in the 3D views.
         volume_rendering_logic: Slicer's volume rendering logic
             (``slicer.modules.volumerendering.logic()``), which picks the user's rendering
             method; None makes the rendering nodes directly (GPU ray casting).
+        color_legend: show the colour bar (Slicer's colour legend display node) in the slice views
+            that show the heatmap; False hides one shown before.
 
     Returns:
         The heatmap scalar volume node.
 
     Raises:
-        InputError: the heatmap does not fit the reference volume, or an option is out of range.
+        InputError: the heatmap does not fit the reference volume, an option is out of
+            range, or the output node is not a heatmap this module made.
     """
     heatmap = _checked_heatmap(heatmap, reference_volume_node)
     if reference_volume_node.GetScene() is not scene:
@@ -83,7 +95,7 @@ def show_heatmap(
     _check_fraction("opacity", opacity)
     _check_fraction("lower_threshold", lower_threshold)
     if output_node is not None:
-        _check_output_node(scene, output_node, reference_volume_node)
+        check_output_node(scene, output_node, reference_volume_node)
 
     ids_before = node_ids(scene)
     views_before = _slice_view_layers(scene)
@@ -92,10 +104,10 @@ def show_heatmap(
         node = output_node
         if node is None:
             node = slicer.vtkMRMLScalarVolumeNode()
-            node.SetName(name or f"{reference_volume_node.GetName()} heatmap")
+            node.SetName(name or heatmap_node_name(reference_volume_node.GetName()))
+            # Marked before it enters the scene, so that selectors filtering on it list it at once.
+            node.SetAttribute(HEATMAP_ATTRIBUTE, "1")
             scene.AddNode(node)
-        elif name:
-            node.SetName(name)
         update_node_from_volume(node, Volume(heatmap, ijk_to_ras_of_node(reference_volume_node)))
         # Under the same transform as the image, so it overlays wherever the image is moved.
         node.SetAndObserveTransformNodeID(reference_volume_node.GetTransformNodeID())
@@ -108,6 +120,7 @@ def show_heatmap(
             _enable_volume_rendering(scene, node, volume_rendering_logic)
         else:
             _hide_volume_rendering(node)
+        set_color_legend(scene, node, color_legend)
         if output_node is None:
             _place_next_to(scene, node, reference_volume_node)
     except BaseException:
@@ -117,6 +130,40 @@ def show_heatmap(
         remove_nodes_added_since(scene, ids_before)
         raise
     return node
+
+
+def heatmap_node_name(reference_name: str, method: str | None = None, layers: Sequence[str] = ()) -> str:
+    """The one default name of a new heatmap node: "<image> <method label> <layers> heatmap"
+    ("Ball Seg-Grad CAM decoder.0 heatmap"; several layers joined by "+"), so the heatmaps of
+    several methods and layers can be told apart in the views; "<image> heatmap" without a method."""
+    if method is None:
+        return f"{reference_name} heatmap"
+    layer_text = f" {'+'.join(layers)}" if layers else ""
+    return f"{reference_name} {method_choice(method).label}{layer_text} heatmap"
+
+
+def set_color_legend(scene: slicer.vtkMRMLScene, node: slicer.vtkMRMLScalarVolumeNode, show: bool) -> None:
+    """Show or hide the heatmap's colour bar.
+
+    Slicer's colour legend display node (``vtkSlicerColorLogic.AddDefaultColorLegendDisplayNode``,
+    titled with the node's name) is drawn by the colour legend displayable manager in each slice
+    view whose layers show the heatmap, so with one heatmap per view each view shows its own bar.
+    Hiding keeps the legend node (hidden), so showing it again restores the user's changes to it.
+    """
+    _check_heatmap_node(node)
+    legend = slicer.vtkSlicerColorLogic.GetColorLegendDisplayNode(node)
+    if legend is None and not show:
+        return
+    if legend is None:
+        if node.GetDisplayNode() is None:
+            raise InputError(f"the heatmap '{node.GetName()}' has no display settings; run the explanation again")
+        if not scene.IsNodeClassRegistered("vtkMRMLColorLegendDisplayNode"):
+            # Slicer's Colors module registers it at start; a bare MRML scene (slicer-core) has not.
+            scene.RegisterNodeClass(slicer.vtkMRMLColorLegendDisplayNode())
+        legend = slicer.vtkSlicerColorLogic.AddDefaultColorLegendDisplayNode(node.GetDisplayNode())
+        if legend is None:
+            raise DisplayError(f"Slicer could not create a colour bar for '{node.GetName()}'")
+    legend.SetVisibility(bool(show))
 
 
 def set_heatmap_opacity(scene: slicer.vtkMRMLScene, node: slicer.vtkMRMLScalarVolumeNode, opacity: float) -> None:
@@ -208,7 +255,18 @@ def _check_fraction(label: str, value: float) -> None:
         raise InputError(f"{label} must be between 0 and 1, got {value}")
 
 
-def _check_output_node(scene, output_node, reference_volume_node) -> None:
+def is_heatmap_node(node) -> bool:
+    """True for a volume node this module made as a heatmap (or an empty one made to receive it)."""
+    return node is not None and node.GetAttribute(HEATMAP_ATTRIBUTE) == "1"
+
+
+def check_output_node(scene, output_node, reference_volume_node) -> None:
+    """Refuse an output node that running would wrongly overwrite (call before any long work).
+
+    Raises:
+        InputError: not a scalar volume of ``scene``, the input image itself, or a volume
+            this module did not make (an image of the user's, which would be overwritten).
+    """
     if not output_node.IsA("vtkMRMLScalarVolumeNode") or output_node.IsA("vtkMRMLLabelMapVolumeNode"):
         raise InputError(
             f"the output '{output_node.GetName()}' is not a scalar volume; choose a heatmap volume or create a new one"
@@ -220,6 +278,11 @@ def _check_output_node(scene, output_node, reference_volume_node) -> None:
     if output_node.GetID() == reference_volume_node.GetID():
         raise InputError(
             "the output heatmap cannot be the input image itself; choose another output volume or create a new one"
+        )
+    if not is_heatmap_node(output_node):
+        raise InputError(
+            f"the output '{output_node.GetName()}' is not a heatmap made by SegHiResCAM and would be overwritten; "
+            "choose one of its heatmaps or create a new one"
         )
 
 
@@ -307,7 +370,7 @@ def _enable_volume_rendering(scene, node, logic=None) -> None:
         else:
             created = _create_volume_rendering_nodes(scene, node)
         if created is None or created.GetVolumePropertyNode() is None:
-            raise RuntimeError(f"Slicer could not create volume rendering for '{node.GetName()}'")
+            raise DisplayError(f"Slicer could not create volume rendering for '{node.GetName()}'")
         rendering_nodes = [created]
     for rendering in rendering_nodes:
         # Our transfer functions, not a copy of the slice display's step threshold.
