@@ -172,6 +172,10 @@ def test_region_based_model_explains_where_each_regions_sigmoid_exceeds_one_half
     assert loaded.card.multilabel and loaded.card.class_names == ("whole tumour", "tumour core", "enhancing")
     volume = ct_volume()
     _, explanation = explain_volume(loaded, volume, target_class=1, layers=LAYER, device="cpu")
-    with torch.no_grad():
-        logits = network.eval()(torch.from_numpy(prepare_input(volume, loaded.card).image)[None])[0]
+    # the model runs as nnU-Net runs it (auto: windows of the plans' patch), so the region is the fused logits'
+    from SegHiResCAMLib.engine.sliding_window import predict
+    from SegHiResCAMLib.windows import window_for_card
+
+    logits = torch.from_numpy(predict(network, prepare_input(volume, loaded.card).image,
+                                      sliding_window=window_for_card(loaded.card), device="cpu"))
     assert explanation.roi_voxels == int((logits[1] > 0).sum()) != int((logits.argmax(0) == 1).sum())
