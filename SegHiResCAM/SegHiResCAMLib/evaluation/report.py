@@ -129,7 +129,7 @@ def write_report(folder: str | Path, results: Sequence[CaseResult], info: Report
             (the first ones); the tables always hold every case.
         viewer: include the interactive 3D view (of the first case).
     """
-    from ..pictures import save_three_planes
+    from ..pictures import picture_title, save_three_planes
     from .plots import save_curves, save_randomisation
 
     folder = check_output_folder(folder)
@@ -149,8 +149,7 @@ def write_report(folder: str | Path, results: Sequence[CaseResult], info: Report
             for layer in layers:
                 names = [method for (lay, method) in result.maps if lay == layer]
                 for method in names:
-                    title = (f"{info.model} · layer {layer} · {method} · class {info.class_name} · "
-                             f"region: {info.region} · {result.case}")
+                    title = picture_title(info.model, layer, method, info.class_name, info.region, result.case)
                     target = work / "pictures" / f"{_safe(result.case)}_{_safe(layer)}_{_safe(method)}.png"
                     save_three_planes(target, result.image, result.maps[(layer, method)], title=title,
                                       region=result.region)
