@@ -540,7 +540,7 @@ class SegHiResCAMLogic(ScriptedLoadableModuleLogic):
         described = {
             info.name: f"{info.type}  {'×'.join(map(str, info.output_shape[1:]))}"
             for info in self.listLayers(modelPath)
-            if info.output_shape  # containers and unused modules have no output to explain
+            if info.output_shape and not info.unusable  # unused, called several times, or no tensor out
         }
         first = [name for name in recommended if name in described]  # the card's picks, starred, first
         return [(name, described[name] + "  ★") for name in first] + [

@@ -142,6 +142,7 @@ def explain_volume(
         normalize=False,  # normalised once, after mapping back onto the volume grid (_normalised)
         multilabel=card.multilabel,
         probabilities=card.outputs == "probabilities",
+        output_key=card.output_key,
         device=device,
         progress=scaled_progress(progress, _PREPARE_SHARE, 1.0 - _PREPARE_SHARE - _RESTORE_SHARE),
     )

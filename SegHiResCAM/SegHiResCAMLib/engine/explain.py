@@ -21,6 +21,7 @@ from torch import nn
 from ..errors import InputError, LayerError
 from .capture import check_layers, forward_with_activations, segmentation_output
 from .device import fitting_count, in_chunks, is_out_of_memory, prepared_model, resolve_device
+from .held_model import held_model
 from .methods import METHODS
 
 KERNEL_WEIGHTED = "kernel-weighted-contribution"
@@ -59,18 +60,19 @@ def explain(
     model: nn.Module,
     image,
     *,
-    layer: str | Sequence[str],
+    layer: str | Sequence[str] | None = None,
     target_class: int,
     roi=None,
     method: str = "seg-hires-grad-cam",
     target: str = "logits",
     threshold: float = 0.5,
     spatial_dims: int | None = None,
-    slice_axis: int = 0,
+    slice_axis: int | None = None,
     normalize: bool = True,
     relu: bool = True,
-    multilabel: bool = False,
-    probabilities: bool = False,
+    multilabel: bool | None = None,
+    probabilities: bool | None = None,
+    output_key: int | str | None = None,
     device: str = "auto",
 ) -> np.ndarray:
     r"""Class activation map of ``target_class`` over ``roi`` for one image.
@@ -80,10 +82,17 @@ def explain(
     and Seg-Grad CAM ``ReLU(sum_k mean(G_k) A_k)``; see ``engine.methods`` for all.
 
     Args:
-        model: ``torch.nn.Module`` whose output is ``(N, classes, *spatial)``.
+        model: ``torch.nn.Module`` whose output is ``(N, classes, *spatial)``, a TorchScript
+            module (``torch.jit.load``), or a ``LoadedModel`` (``load_model``), whose card
+            gives what is left as None here (layer, spatial_dims, slice_axis, multilabel,
+            probabilities, output_key); the image is used as given, without the card's
+            preprocessing (``pipeline.explain_volume`` applies it to volumes). A model in eval
+            mode runs exactly as it is (submodules left in training mode stay so); a model
+            wholly in training mode runs in eval mode, with a warning. Modes and buffers are
+            restored afterwards.
         image: numpy array or tensor ``(channels, *spatial)``.
         layer: a name from ``model.named_modules()``; a list gives the mean of the
-            layers' maps, each upsampled and normalised first.
+            layers' maps, each upsampled and normalised first; None = the model card's.
         target_class: the class c (output channel).
         roi: bool or float array of the image's spatial shape; None = the model's own
             prediction for c (argmax; for one output channel, logit > 0; with the
@@ -93,7 +102,7 @@ def explain(
         threshold: t for the probability-threshold target.
         spatial_dims: the model's spatial dims; 2 with a 3D image applies a 2D model
             slice by slice along ``slice_axis`` (normalised over the whole volume).
-        slice_axis: axis of the image's spatial dims to slice along (0, 1 or 2).
+        slice_axis: axis of the image's spatial dims to slice along (0, 1 or 2; default 0).
         normalize: divide by the maximum over the whole map (an all-zero map stays zero).
         relu: keep only positive evidence (the methods' definition); False gives the
             signed map, for analysis.
@@ -101,6 +110,9 @@ def explain(
             region-based models): the predicted region is sigmoid > 0.5 instead of argmax.
         probabilities: the model outputs probabilities (its last layer is a softmax or
             sigmoid), not logits: they are used as they are.
+        output_key: for a model returning a tuple, list or dict (deep supervision, UNet++),
+            the entry (index or key) that is the segmentation; None = the one entry at the
+            input's full resolution (see ``engine.capture.select_output``).
         device: "auto" (CUDA if available), "cpu" or "cuda".
 
     Returns:
@@ -113,7 +125,7 @@ def explain(
     result = explain_detailed(
         model, image, layer=layer, target_class=target_class, roi=roi, methods=(method,), target=target,
         threshold=threshold, spatial_dims=spatial_dims, slice_axis=slice_axis, normalize=normalize, relu=relu,
-        multilabel=multilabel, probabilities=probabilities, device=device,
+        multilabel=multilabel, probabilities=probabilities, output_key=output_key, device=device,
     )
     for message in result.warnings:
         _warnings.warn(message, RuntimeWarning, stacklevel=2)
@@ -124,18 +136,19 @@ def explain_detailed(
     model: nn.Module,
     image,
     *,
-    layer: str | Sequence[str],
+    layer: str | Sequence[str] | None = None,
     target_class: int,
     roi=None,
     methods: Sequence[str] = ("seg-hires-grad-cam",),
     target: str = "logits",
     threshold: float = 0.5,
     spatial_dims: int | None = None,
-    slice_axis: int = 0,
+    slice_axis: int | None = None,
     normalize: bool = True,
     relu: bool = True,
-    multilabel: bool = False,
-    probabilities: bool = False,
+    multilabel: bool | None = None,
+    probabilities: bool | None = None,
+    output_key: int | str | None = None,
     device: str = "auto",
     progress: ProgressCallback | None = None,
     batch_size: int | None = None,
@@ -147,9 +160,13 @@ def explain_detailed(
     ``batch_size`` fixes the slices per batch (default: sized to the free memory).
     """
     started = time.perf_counter()
+    held = held_model(model)
+    model, given = held.module, held.choices(
+        layer=layer, spatial_dims=spatial_dims, slice_axis=slice_axis, multilabel=multilabel,
+        probabilities=probabilities, output_key=output_key, image_dims=np.ndim(image) - 1)
+    layer, spatial_dims, slice_axis, output_key = given.layer, given.spatial_dims, given.slice_axis, given.output_key
+    multilabel, probabilities = given.multilabel, given.probabilities
     layers = [layer] if isinstance(layer, str) else list(layer)
-    if not layers:
-        raise InputError("no layer was given; pick at least one layer to explain")
     methods = list(methods)
     unknown = [m for m in methods if m not in METHOD_NAMES]
     if unknown or not methods:
@@ -170,13 +187,14 @@ def explain_detailed(
     # KWC costs about 2K forward passes against the gradient methods' one: most of the bar is its.
     gradient_share = 0.1 if ablation else 1.0
     result: dict[str, np.ndarray] = {}
-    notes: list[str] = []
+    notes: list[str] = list(held.notes)
     resolved, roi_voxels = resolve_device(device), 0
     if gradient_methods:
         job = _Job(model, layers, int(target_class), gradient_methods, target, float(threshold), relu, multilabel,
-                   probabilities, scaled_progress(progress, 0.0, gradient_share))
-        result, resolved, roi_voxels, notes = job.maps(image, roi, spatial_dims, slice_axis, normalize, resolved,
+                   probabilities, scaled_progress(progress, 0.0, gradient_share), output_key)
+        result, resolved, roi_voxels, job_notes = job.maps(image, roi, spatial_dims, slice_axis, normalize, resolved,
                                                        batch_size)
+        notes += job_notes
     if ablation:
         from .kernel_weighted import kernel_weighted_detailed
 
@@ -186,7 +204,7 @@ def explain_detailed(
                 slice_axis=slice_axis, normalize=False, device=device,
                 progress=scaled_progress(progress, gradient_share + (1 - gradient_share) * i / len(layers),
                                          (1 - gradient_share) / len(layers)),
-                multilabel=multilabel, probabilities=probabilities,
+                multilabel=multilabel, probabilities=probabilities, output_key=output_key,
             )
             for i, name in enumerate(layers)
         ]
@@ -273,10 +291,11 @@ class _Job:
     """One explanation over a stack of samples, batch by batch."""
 
     def __init__(self, model, layers, class_index, methods, target, threshold, relu, multilabel, probabilities,
-                 progress) -> None:
+                 progress, output_key=None) -> None:
         self.model, self.layers, self.class_index = model, layers, class_index
         self.methods, self.target, self.threshold = methods, target, threshold
         self.relu, self.multilabel, self.probabilities, self.progress = relu, multilabel, probabilities, progress
+        self.output_key = output_key
 
     def maps(self, image, roi, spatial_dims, slice_axis, normalize, device, batch_size):
         """Every method's map on the image grid, the device that ran, ROI voxels and notes."""
@@ -349,7 +368,7 @@ class _Job:
             self.progress(fraction, f"explained {done} of {total} {unit}{'s' if total > 1 else ''}")
 
     def _explain_batch(self, batch: torch.Tensor, roi: torch.Tensor | None, spatial: tuple[int, ...]):
-        output, activations = forward_with_activations(self.model, batch, self.layers)
+        output, activations = forward_with_activations(self.model, batch, self.layers, self.output_key)
         output = segmentation_output(output, batch, self.class_index)
         roi_out = None if roi is None else roi_on_output_grid(roi, tuple(output.shape[2:]))
         scores, used = per_sample_scores(output, self.class_index, roi_out, target=self.target,

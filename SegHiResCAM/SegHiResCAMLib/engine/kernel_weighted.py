@@ -24,6 +24,7 @@ from ..errors import LayerError
 from .capture import check_layers, segmentation_output
 from .device import fitting_count, in_chunks, prepared_model, resolve_device
 from .explain import _arrange, _image_tensor
+from .held_model import held_model
 from .resize import normalize_by_max, upsample_to
 from .validation import roi_prediction
 
@@ -43,11 +44,12 @@ class KernelWeights:
     warnings: tuple[str, ...] = ()
 
 
-def kernel_weighted_contribution(model: nn.Module, image, *, layer: str, target_class: int, roi=None,
-                                 spatial_dims: int | None = None, slice_axis: int = 0, normalize: bool = True,
-                                 device: str = "auto", batch_size: int | None = None,
+def kernel_weighted_contribution(model: nn.Module, image, *, layer: str | None = None, target_class: int, roi=None,
+                                 spatial_dims: int | None = None, slice_axis: int | None = None,
+                                 normalize: bool = True, device: str = "auto", batch_size: int | None = None,
                                  progress: Callable[[float, str], None] | None = None,
-                                 multilabel: bool = False, probabilities: bool = False) -> np.ndarray:
+                                 multilabel: bool | None = None, probabilities: bool | None = None,
+                                 output_key: int | str | None = None) -> np.ndarray:
     """KWC map of ``target_class`` over ``roi`` at ``layer``: float32 array of shape ``image.shape[1:]``.
 
     Channels are removed by zeroing them (the deterministic 2023 variant, no random kernels);
@@ -62,19 +64,26 @@ def kernel_weighted_contribution(model: nn.Module, image, *, layer: str, target_
     result = kernel_weighted_detailed(model, image, layer=layer, target_class=target_class, roi=roi,
                                       spatial_dims=spatial_dims, slice_axis=slice_axis, normalize=normalize,
                                       device=device, batch_size=batch_size, progress=progress, multilabel=multilabel,
-                                      probabilities=probabilities)
+                                      probabilities=probabilities, output_key=output_key)
     for message in result.warnings:
         _warnings.warn(message, RuntimeWarning, stacklevel=2)
     return result.heatmap
 
 
-def kernel_weighted_detailed(model: nn.Module, image, *, layer: str, target_class: int, roi=None,
-                             spatial_dims: int | None = None, slice_axis: int = 0, normalize: bool = True,
+def kernel_weighted_detailed(model: nn.Module, image, *, layer: str | None = None, target_class: int, roi=None,
+                             spatial_dims: int | None = None, slice_axis: int | None = None, normalize: bool = True,
                              device: str = "auto", batch_size: int | None = None,
                              progress: Callable[[float, str], None] | None = None,
-                             multilabel: bool = False, probabilities: bool = False) -> KernelWeights:
+                             multilabel: bool | None = None, probabilities: bool | None = None,
+                             output_key: int | str | None = None) -> KernelWeights:
     """Like :func:`kernel_weighted_contribution`, returning the weights, D_k, I_k and S too."""
     started = time.perf_counter()
+    held = held_model(model)
+    model, given = held.module, held.choices(
+        layer=layer, spatial_dims=spatial_dims, slice_axis=slice_axis, multilabel=multilabel,
+        probabilities=probabilities, output_key=output_key, image_dims=np.ndim(image) - 1)
+    layer, spatial_dims, slice_axis, output_key = given.layer, given.spatial_dims, given.slice_axis, given.output_key
+    multilabel, probabilities = given.multilabel, given.probabilities
     if hasattr(model, "forward_capturing"):
         raise LayerError("Kernel-Weighted Contribution zeroes channels with forward hooks, which this model "
                          "(TorchScript) does not accept; use a Python model or another method")
@@ -88,7 +97,7 @@ def kernel_weighted_detailed(model: nn.Module, image, *, layer: str, target_clas
         found: dict[str, torch.Tensor] = {}  # P and m on the output grid, allocated once its size is known
 
         def reference(index: torch.Tensor) -> None:
-            output = segmentation_output(model(samples[index].to(run_device)), samples, target_class)
+            output = segmentation_output(model(samples[index].to(run_device)), samples, target_class, output_key)
             given = None if roi_t is None else roi_t[index].to(run_device)
             kept_prediction, roi_weights = roi_prediction(output, target_class, given, multilabel, probabilities)
             if not found:
@@ -109,7 +118,8 @@ def kernel_weighted_detailed(model: nn.Module, image, *, layer: str, target_clas
             zeros = np.zeros(layout.restore(torch.zeros((count, *spatial))).shape, np.float32)
             empty = np.zeros(channels, np.float64)
             return KernelWeights(zeros, empty, empty, empty, 0.0, 0, str(run_device), time.perf_counter() - started,
-                                 (note + ", so the heatmap is all zeros; choose a region or class that is present",))
+                                 held.notes + (note + ", so the heatmap is all zeros; choose a region or class that "
+                                               "is present",))
         # Rows 0..K-1 zero one channel, rows K..2K-1 keep one, the last row keeps all: each chunk carries
         # its own unablated copies, so P and P~ come from the same batch and share its rounding.
         table = torch.cat([1 - torch.eye(channels), torch.eye(channels), torch.ones(1, channels)]).to(run_device)
@@ -120,7 +130,8 @@ def kernel_weighted_detailed(model: nn.Module, image, *, layer: str, target_clas
             rows, which = index % (2 * channels), kept[index // (2 * channels)]
             distinct, position = torch.unique(which, return_inverse=True)
             gate.masks = table[torch.cat([rows, torch.full((len(distinct),), 2 * channels)])]
-            output = segmentation_output(model(samples[torch.cat([which, distinct])].to(run_device)), samples, target_class)
+            output = segmentation_output(model(samples[torch.cat([which, distinct])].to(run_device)), samples,
+                                         target_class, output_key)
             gate.masks = None
             regions = masks[torch.cat([which, distinct])]
             predicted, _ = roi_prediction(output, target_class, regions, multilabel, probabilities)
@@ -153,7 +164,7 @@ def kernel_weighted_detailed(model: nn.Module, image, *, layer: str, target_clas
             heat = normalize_by_max(heat)
         heatmap = layout.restore(heat).to(torch.float32).cpu().numpy()
     return KernelWeights(heatmap, weights.cpu().numpy(), dependent.cpu().numpy(), independent.cpu().numpy(), total,
-                         int(masks.ne(0).sum()), str(run_device), time.perf_counter() - started)
+                         int(masks.ne(0).sum()), str(run_device), time.perf_counter() - started, held.notes)
 
 
 class _ChannelGate:

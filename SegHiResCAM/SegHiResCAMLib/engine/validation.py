@@ -24,6 +24,7 @@ from ..errors import InputError
 from .capture import segmentation_output
 from .device import fitting_count, in_chunks, prepared_model, resolve_device
 from .explain import _arrange, _image_tensor
+from .held_model import held_model
 from .targets import class_probabilities, predicted_roi, roi_on_output_grid
 
 
@@ -37,12 +38,13 @@ class MaskingScores:
 
 
 def masking_scores(model: nn.Module, image, heatmap, *, target_class: int, roi=None, threshold: float | None = None,
-                   baseline: float = 0.0, spatial_dims: int | None = None, slice_axis: int = 0,
-                   device: str = "auto", multilabel: bool = False, probabilities: bool = False) -> MaskingScores:
+                   baseline: float = 0.0, spatial_dims: int | None = None, slice_axis: int | None = None,
+                   device: str = "auto", multilabel: bool | None = None, probabilities: bool | None = None,
+                   output_key: int | str | None = None) -> MaskingScores:
     """Score a heatmap by masking the image with it and predicting again.
 
     Args:
-        model, image, target_class, roi, spatial_dims, slice_axis, device, multilabel, probabilities: as in
+        model, image, target_class, roi, spatial_dims, slice_axis, device, multilabel, probabilities, output_key: as in
             :func:`engine.explain.explain` (roi None = the model's own prediction on ``image``).
         heatmap: array of the image's spatial shape with values in [0, 1] (a normalised map).
         threshold: None multiplies the image by the map; a number keeps the voxels whose map
@@ -55,6 +57,14 @@ def masking_scores(model: nn.Module, image, heatmap, *, target_class: int, roi=N
     Raises:
         InputError: the heatmap has the wrong shape, NaN values or values outside [0, 1].
     """
+    held = held_model(model)
+    model, given = held.module, held.choices(
+        spatial_dims=spatial_dims, slice_axis=slice_axis, multilabel=multilabel, probabilities=probabilities,
+        output_key=output_key, image_dims=np.ndim(image) - 1, layer_required=False)
+    spatial_dims, slice_axis, output_key = given.spatial_dims, given.slice_axis, given.output_key
+    multilabel, probabilities = given.multilabel, given.probabilities
+    for message in held.notes:
+        _warnings.warn(message, RuntimeWarning, stacklevel=2)
     image_t = _image_tensor(image, model)
     kept_fraction = _kept_fraction(heatmap, tuple(image_t.shape[1:]), threshold)
     keep = kept_fraction.to(image_t.dtype)
@@ -68,7 +78,7 @@ def masking_scores(model: nn.Module, image, heatmap, *, target_class: int, roi=N
 
         def predict_both(index: torch.Tensor) -> None:
             batch = torch.cat([samples[index], masked_samples[index]]).to(run_device)
-            output = segmentation_output(model(batch), batch, target_class)
+            output = segmentation_output(model(batch), batch, target_class, output_key)
             given = None if roi_t is None else roi_t[index].to(run_device)
             original, weights = roi_prediction(output[: len(index)], target_class, given, multilabel, probabilities)
             changed, _ = roi_prediction(output[len(index):], target_class, weights, multilabel, probabilities)

@@ -48,6 +48,13 @@ class ModelCard:
             numpy-style: (2, 1, 0) for MONAI networks (which see I, J, K), nnU-Net's
             ``transpose_forward``; None = (0, 1, 2).
         crop_nonzero: crop the volume to the bounding box of its non-zero voxels first (nnU-Net).
+        train_mode_modules: submodules that run in training mode when the model is loaded, as their
+            owner runs them (HD-BET keeps its instance norms in training mode so they use each image's
+            own statistics): submodule paths, globs over paths ("*.norm*") or class names
+            ("InstanceNorm3d"); the rest of the network runs in evaluation mode.
+        output_key: for a network whose forward returns a tuple, list or dict (deep supervision,
+            UNet++), the entry that is the segmentation (an index, -1 = the last, or a key); None = the
+            one entry at the input's full resolution (several such entries are refused).
         network: how to build the network: {"name": ..., "args": {...}} (see models.loading).
         extra: anything else a loader needs (kept verbatim).
     """
@@ -66,6 +73,8 @@ class ModelCard:
     divisible_by: int = 1
     transpose: tuple[int, int, int] | None = None
     crop_nonzero: bool = False
+    train_mode_modules: tuple[str, ...] = ()
+    output_key: int | str | None = None
     network: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -81,6 +90,14 @@ class ModelCard:
             )
         object.__setattr__(self, "class_names", tuple(self.class_names))
         object.__setattr__(self, "layers", tuple(self.layers))
+        if isinstance(self.train_mode_modules, str) or not all(isinstance(m, str) for m in self.train_mode_modules):
+            raise ModelError("model card: train_mode_modules must be a list of submodule names, globs or class "
+                             f"names, got {self.train_mode_modules!r}")
+        object.__setattr__(self, "train_mode_modules", tuple(self.train_mode_modules))
+        if self.output_key is not None and (isinstance(self.output_key, bool)
+                                            or not isinstance(self.output_key, (int, str))):
+            raise ModelError(f"model card: output_key must be an index or a key of the model's outputs, "
+                             f"got {self.output_key!r}")
         if self.spacing is not None:
             if len(self.spacing) != 3:
                 raise ModelError(f"model card: spacing needs 3 entries (I, J, K), got {list(self.spacing)}")
@@ -113,6 +130,7 @@ class ModelCard:
         data = asdict(self)
         data["class_names"] = list(self.class_names)
         data["layers"] = list(self.layers)
+        data["train_mode_modules"] = list(self.train_mode_modules)
         for key in ("spacing", "transpose"):
             if isinstance(data[key], tuple):
                 data[key] = list(data[key])

@@ -18,7 +18,9 @@ what the loader read from the bundle, plans or network.
 
 from __future__ import annotations
 
+import fnmatch
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -26,13 +28,14 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..errors import ModelError, UnsafeModelError
+from ..errors import ModelError
 from .card import ModelCard, find_card
 
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A network ready for ``explain`` (eval mode, on CPU) and the card describing it."""
+    """A network ready for ``explain`` (eval mode but for the card's ``train_mode_modules``, on CPU)
+    and the card describing it. ``explain(loaded, ...)`` takes it as it is (the card gives defaults)."""
 
     module: nn.Module
     card: ModelCard
@@ -77,20 +80,15 @@ def _with_card_beside(card: ModelCard, source: Path) -> ModelCard:
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Load tensors only; refuse files that would need arbitrary unpickling."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as error:
-        raise ModelError(f"the model file {path} does not exist") from error
-    except Exception as error:  # torch raises UnpicklingError or RuntimeError here
-        message = str(error)
-        if "weights_only" in message or "Unpickl" in type(error).__name__ or "unpickl" in message.lower():
-            raise UnsafeModelError(
-                f"{path.name} contains pickled Python objects, not just weights; loading it would run "
-                "arbitrary code. Save the weights with torch.save(model.state_dict(), path), or export "
-                "the network with torch.jit.script/trace, and try again."
-            ) from error
-        raise ModelError(f"cannot read the model file {path}: {message.splitlines()[0]}") from error
+    """Load tensors only; refuse files that would need arbitrary unpickling, and files that are no weights."""
+    from .model_file import load_weights, model_file_kind
+
+    if not path.is_file():
+        raise ModelError(f"the model file {path} does not exist")
+    if model_file_kind(path) == "torchscript":
+        raise ModelError(f"{path.name} is a TorchScript file, not a state dict; choose it as the model itself")
+    state = load_weights(path, "Save the weights with torch.save(model.state_dict(), path), or export the network "
+                               "with torch.jit.script/trace, and try again.")
     for key in ("state_dict", "model", "network_weights"):  # Lightning, MONAI checkpoints, nnU-Net
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -201,20 +199,49 @@ def code_to_trust(path: str | Path) -> str | None:
 def load_model(path: str | Path, *, trust_code: bool = False) -> LoadedModel:
     """Load a model and its card from ``path`` (any kind in the module docstring's table).
 
+    The network comes in evaluation mode, except the submodules that the card's
+    ``train_mode_modules`` names, which run in training mode as their owner runs them.
+
     Args:
         path: a model file or folder.
         trust_code: allow running code that comes with the model (a ``.py`` builder, or
             ``$`` expressions in a MONAI bundle's network definition).
 
     Raises:
-        ModelError: the file is missing, unreadable or not a segmentation model.
+        ModelError: the file is missing, unreadable, damaged, not a model (an image, text, an
+            archive, ...) or not a segmentation model.
         UnsafeModelError: the file would need full unpickling, or is code and ``trust_code`` is False.
         MissingDependencyError: the model needs an optional package (the message names the extra).
     """
-    from . import monai_models, nnunet
-    from .torchscript import is_torchscript_file
+    loaded = _load_any(Path(path), trust_code)
+    set_train_mode_modules(loaded.module, loaded.card.train_mode_modules)
+    return loaded
 
-    source = Path(path)
+
+def set_train_mode_modules(module: nn.Module, patterns: Sequence[str]) -> None:
+    """Put the submodules that ``patterns`` name into training mode (each pattern a submodule path,
+    a glob over paths such as ``"*.norm*"``, or a class name such as ``"InstanceNorm3d"``).
+
+    Raises:
+        ModelError: a pattern names no submodule.
+    """
+    named = module.submodules() if hasattr(module, "submodules") else [
+        (name, sub) for name, sub in module.named_modules() if name]
+    for pattern in patterns:
+        chosen = [sub for name, sub in named
+                  if fnmatch.fnmatchcase(name, pattern) or getattr(sub, "original_name", type(sub).__name__) == pattern]
+        if not chosen:
+            examples = ", ".join(name for name, _ in named[:6])
+            raise ModelError(f"model card: train_mode_modules entry {pattern!r} names no module of the network; give "
+                             f"submodule paths (e.g. {examples}), globs over them, or class names")
+        for sub in chosen:
+            sub.train()
+
+
+def _load_any(source: Path, trust_code: bool) -> LoadedModel:
+    from . import monai_models, nnunet
+    from .model_file import model_file_kind
+
     if not source.exists():
         raise ModelError(f"the model file {source} does not exist")
     if source.is_dir():
@@ -222,22 +249,25 @@ def load_model(path: str | Path, *, trust_code: bool = False) -> LoadedModel:
             return _load_bundle(source, trust_code)
         if nnunet.is_results_folder(nnunet.find_results_folder(source)[0]):
             return _load_nnunet(source)
+        inside = sorted(p.name for p in source.iterdir() if p.suffix in (".pt", ".pth", ".ts", ".py"))
+        hint = f"; it holds {', '.join(inside[:4])}: choose that file instead" if inside else ""
         raise ModelError(
             f"the folder {source.name} is neither a MONAI bundle (configs/inference.json, models/model.pt) nor an "
-            "nnU-Net v2 results folder (plans.json, dataset.json, fold_N/checkpoint_final.pth)"
+            f"nnU-Net v2 results folder (plans.json, dataset.json, fold_N/checkpoint_final.pth){hint}"
         )
     if source.suffix == ".py":
         return _load_python(source, trust_code)
-    if nnunet.is_results_folder(source.parent.parent) and source.parent.name.startswith("fold_"):
-        return _load_nnunet(source)
-    if is_torchscript_file(source):
-        return _load_torchscript(source)
     if source.suffix == ".json":
-        data = _read_json(source)
+        _read_json(source)
         weights = next((source.with_suffix(s) for s in (".pth", ".pt") if source.with_suffix(s).is_file()), None)
         if weights is None:
             raise ModelError(f"no weights beside {source.name}: expected {source.with_suffix('.pth').name}")
         source = weights
+    kind_on_disk = model_file_kind(source)  # an empty, damaged or wrong file is refused here, saying what it is
+    if nnunet.is_results_folder(source.parent.parent) and source.parent.name.startswith("fold_"):
+        return _load_nnunet(source)
+    if kind_on_disk == "torchscript":
+        return _load_torchscript(source)
     card_path = find_card(source)
     if card_path is None:
         raise ModelError(

@@ -77,17 +77,12 @@ def _safe_numpy_globals() -> list[Any]:
 
 def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """The network weights of an nnU-Net checkpoint, read without running pickled code."""
-    try:
-        with torch.serialization.safe_globals(_safe_numpy_globals()):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # UnpicklingError for anything beyond tensors and plain data
-        if "weights_only" in str(error) or "Unpickl" in type(error).__name__:
-            raise UnsafeModelError(
-                f"{path.name} holds pickled Python objects besides the weights; loading it would run arbitrary "
-                "code. Re-save only the weights: torch.save({'network_weights': checkpoint['network_weights']}, "
-                "path) in a Python session you trust."
-            ) from error
-        raise ModelError(f"cannot read the nnU-Net checkpoint {path}: {str(error).splitlines()[0]}") from error
+    from .model_file import load_weights, model_file_kind
+
+    model_file_kind(path)  # an empty, cut-short or wrong file says what it is
+    checkpoint = load_weights(path, "Re-save only the weights: torch.save({'network_weights': "
+                                    "checkpoint['network_weights']}, path) in a Python session you trust.",
+                              _safe_numpy_globals())
     weights = checkpoint.get("network_weights", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise ModelError(f"{path.name} has no 'network_weights' state dict; is it an nnU-Net v2 checkpoint?")
