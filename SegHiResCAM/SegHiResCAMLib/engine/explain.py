@@ -192,8 +192,8 @@ def explain_detailed(
     if gradient_methods:
         job = _Job(model, layers, int(target_class), gradient_methods, target, float(threshold), relu, multilabel,
                    probabilities, scaled_progress(progress, 0.0, gradient_share), output_key)
-        result, resolved, roi_voxels, job_notes = job.maps(image, roi, spatial_dims, slice_axis, normalize, resolved,
-                                                       batch_size)
+        result, resolved, roi_voxels, job_notes = job.maps(image, roi, spatial_dims, slice_axis, normalize,
+                                                           resolved, batch_size)
         notes += job_notes
     if ablation:
         from .kernel_weighted import kernel_weighted_detailed

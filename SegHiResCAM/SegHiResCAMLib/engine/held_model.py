@@ -16,6 +16,7 @@ from torch import nn
 from ..errors import InputError, ModelError
 from .device import training_mode_warning
 
+
 @dataclass(frozen=True)
 class ModelChoices:
     """What the engine needs to know about running a model, after the card filled what the user left out."""

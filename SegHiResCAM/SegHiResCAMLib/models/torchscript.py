@@ -32,17 +32,6 @@ from ..errors import LayerError, ModelError
 _CALL = "prim::CallMethod"
 
 
-def is_torchscript_file(path: Path) -> bool:
-    """True when ``path`` is a TorchScript archive (a zip holding ``constants.pkl``/``code/``)."""
-    import zipfile
-
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        names = archive.namelist()
-    return any(name.endswith("/constants.pkl") or "/code/" in name for name in names)
-
-
 def load_torchscript(path: Path) -> "ScriptedModel":
     """Load a TorchScript file onto the CPU and wrap it for capture.
 
