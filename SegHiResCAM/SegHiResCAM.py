@@ -31,9 +31,11 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 #: Parameter-node fields bound by hand in the widget (their widgets have no GUI connector:
-#: the layer list is filled at run time, the segment selector is a Slicer widget). Every
-#: other field is bound through a ``SlicerParameterName`` property in the .ui file.
-HAND_BOUND_PARAMETERS = ("layer", "roiSegmentId")
+#: the layer list is filled at run time, the segment selector is a Slicer widget, and the
+#: model field must accept folders and an emptied field, which ctkPathLineEdit's connector
+#: never passes on). Every other field is bound through a ``SlicerParameterName`` property
+#: in the .ui file.
+HAND_BOUND_PARAMETERS = ("layer", "roiSegmentId", "modelPath")
 
 #: Torch version the library needs (PyTorch extension installs it on request).
 TORCH_REQUIREMENT = ">=2.1"
@@ -188,7 +190,9 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._job = None
+        self._startingRun = False
         self._layersForModel = None
+        self._layerProblem = ""  # why the current model's layers could not be listed, as shown
         self._shownDisplay = None  # (node id, opacity, threshold, show3D) last applied
         self._pollTimer = None
 
@@ -201,12 +205,22 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = SegHiResCAMLogic()
 
+        from SegHiResCAMLib.mrml.heatmap_display import HEATMAP_ATTRIBUTE
+
+        # Only heatmaps this module made can be overwritten; "Create new" marks its new node too.
+        self.ui.outputHeatmapSelector.addAttribute("vtkMRMLScalarVolumeNode", HEATMAP_ATTRIBUTE, "1")
+
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.layerComboBox.connect("currentIndexChanged(int)", self.onLayerChanged)
         self.ui.roiSegmentSelector.connect("currentSegmentChanged(QString)", self.onSegmentChanged)
+        # Its hidden segmentation box can pick a segmentation by itself: the parameter node's wins.
+        self.ui.roiSegmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", lambda node: self._syncSegmentSelector())
+        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathEdited)
+        self.ui.modelPathLineEdit.connect("validInputChanged(bool)", self.onModelPathValidityChanged)
+        self.ui.modelFolderButton.connect("clicked()", self.onBrowseModelFolder)
         self.ui.progressBar.visible = False
 
         self._pollTimer = qt.QTimer()
@@ -225,8 +239,9 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def exit(self) -> None:
         if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
+            if self._parameterNodeGuiTag is not None:
+                self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+                self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event) -> None:
@@ -246,18 +261,32 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._parameterNode.inputVolume = firstVolumeNode
 
     def setParameterNode(self, inputParameterNode) -> None:
-        """Bind the GUI to a parameter node (SlicerParameterName widgets + the hand-bound ones)."""
+        """Bind the GUI to a parameter node (SlicerParameterName widgets + the hand-bound ones).
+
+        ``inputParameterNode`` is a wrapper fresh from ``logic.getParameterNode()``, bound
+        here once: Slicer 5.8's ``connectGui`` returns no tag (Slicer 5.10 does, since commit
+        b5a65a49a0), and there the one binding of a fresh wrapper has tag 0
+        (parameterNodeWrapper/wrapper.py, ``_nextParameterGUIsTag``). Without that tag every
+        re-entry would stack another set of bindings.
+        """
         if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            if self._parameterNodeGuiTag is not None:
+                self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+                self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+        previousNode = self._parameterNode.parameterNode if self._parameterNode else None
         self._parameterNode = inputParameterNode
         if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            if self._parameterNode.parameterNode is not previousNode:
+                self._layersForModel = None  # another scene's node: its saved layer is kept on first look
+            tag = self._parameterNode.connectGui(self.ui)
+            self._parameterNodeGuiTag = 0 if tag is None else tag
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
             self._onParameterNodeModified()
 
     # -- keeping the GUI in step -------------------------------------------------------
     def _onParameterNodeModified(self, caller=None, event=None) -> None:
+        self._syncModelPath()
         self._refreshLayerList()  # cheap unless the model path changed
         self._syncSegmentSelector()
         self._syncLayerSelection()
@@ -265,14 +294,14 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._checkCanApply()
 
     def _checkCanApply(self) -> None:
-        if self._job is not None:
-            return  # the button is a Cancel button while a job runs
+        if self._job is not None or self._startingRun:
+            return  # the button is a Cancel button while a job runs, and off while one starts
         p = self._parameterNode
         missing = []
         if not (p and p.inputVolume):
             missing.append(_("an input volume"))
         if not (p and _hasModelPath(p.modelPath)):
-            missing.append(_("a model file"))
+            missing.append(_("a model file or folder"))
         if p and p.roiSegmentation and not p.roiSegmentId:
             missing.append(_("a segment"))
         self.ui.applyButton.enabled = not missing
@@ -281,44 +310,110 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
 
     def _syncSegmentSelector(self) -> None:
+        """Show the parameter node's segmentation and segment; drop a segment ID it does not have."""
+        from SegHiResCAMLib.panel_rules import segment_id_to_keep
+
         p = self._parameterNode
         segmentation = p.roiSegmentation if p else None
         selector = self.ui.roiSegmentSelector
         selector.enabled = segmentation is not None
         if selector.currentNode() != segmentation:
             selector.setCurrentNode(segmentation)
-        if segmentation is None:
+        if p is None:
             return
-        wanted = p.roiSegmentId
-        if wanted and segmentation.GetSegmentation().GetSegment(wanted) is not None:
-            if selector.currentSegmentID() != wanted:
-                selector.setCurrentSegmentID(wanted)
-        elif (selector.currentSegmentID() or "") != wanted:
-            # A segment ID of another segmentation: follow what the selector shows.
-            self._parameterNode.roiSegmentId = selector.currentSegmentID() or ""
+        segmentIds = list(segmentation.GetSegmentation().GetSegmentIDs()) if segmentation is not None else None
+        kept = segment_id_to_keep(segmentIds, p.roiSegmentId, selector.currentSegmentID() or "")
+        if kept and selector.currentSegmentID() != kept:
+            selector.setCurrentSegmentID(kept)
+        if p.roiSegmentId != kept:
+            self._parameterNode.roiSegmentId = kept
 
     def onSegmentChanged(self, segmentId) -> None:
-        if self._parameterNode and self._parameterNode.roiSegmentId != (segmentId or ""):
+        """The user's pick (the selector lists only the shown segmentation's segments)."""
+        p = self._parameterNode
+        if p is None or self.ui.roiSegmentSelector.currentNode() != p.roiSegmentation:
+            return  # a segment of the selector's own pick of a segmentation, not the user's: ignored
+        if p.roiSegmentId != (segmentId or ""):
             self._parameterNode.roiSegmentId = segmentId or ""
 
+    def _syncModelPath(self) -> None:
+        """Show the parameter node's model path ("" for none, never ".")."""
+        from SegHiResCAMLib.panel_rules import model_path_text
+
+        text = model_path_text(self._parameterNode.modelPath) if self._parameterNode else ""
+        field = self.ui.modelPathLineEdit
+        current = field.currentPath
+        # The same path in other words ("C:/m" for "C:\\m") is left as typed: no jump under the cursor.
+        if current != text and not (current and text and pathlib.Path(current) == pathlib.Path(text)):
+            wasBlocked = field.blockSignals(True)
+            field.currentPath = text
+            field.blockSignals(wasBlocked)
+
+    def onModelPathEdited(self, path) -> None:
+        """A file or folder typed, pasted, browsed or picked from the history."""
+        if self._parameterNode and path and self._parameterNode.modelPath != pathlib.Path(path):
+            self._parameterNode.modelPath = pathlib.Path(path)
+
+    def onModelPathValidityChanged(self, valid) -> None:
+        # ctkPathLineEdit never reports an emptied field as a path: an emptied field means no model.
+        if not valid and not self.ui.modelPathLineEdit.currentPath and self._parameterNode:
+            if _hasModelPath(self._parameterNode.modelPath):
+                self._parameterNode.modelPath = pathlib.Path()
+
+    def onBrowseModelFolder(self) -> None:
+        """ctkPathLineEdit's own button opens files only: folders (MONAI bundle, nnU-Net results) come from here."""
+        current = self.ui.modelPathLineEdit.currentPath
+        folder = qt.QFileDialog.getExistingDirectory(
+            slicer.util.mainWindow(), _("Select a model folder (MONAI bundle, nnU-Net results)"),
+            current if os.path.isdir(current) else os.path.dirname(current),
+        )
+        if folder:
+            self.ui.modelPathLineEdit.currentPath = folder  # reaches the parameter node as a typed path does
+
     def _refreshLayerList(self) -> None:
-        """Fill the layer list from the model (with output shapes), or from its card without torch."""
+        """Fill the layer list from the model (with output shapes), or from its card without torch.
+
+        A model that cannot be listed leaves the card's default only, says why in the status
+        line (not in a dialog: the path may be half typed) and lets the rest of the panel's
+        update run; ``slicer.util.tryWithErrorDisplay`` would re-raise and abort it. A new
+        model clears a layer it does not have.
+        """
+        from SegHiResCAMLib.panel_rules import layer_to_keep
+
         p = self._parameterNode
         path = str(p.modelPath) if p and _hasModelPath(p.modelPath) else ""
         if path == self._layersForModel:
             return
-        self._layersForModel = path
+        previous, self._layersForModel = self._layersForModel, path
+        described, problem = None, ""
+        if path and os.path.exists(path):
+            slicer.app.setOverrideCursor(qt.Qt.WaitCursor)
+            try:
+                described = self.logic.describeLayers(path)
+            except Exception as error:  # any failure of the model's own loading: reported, the panel goes on
+                problem = _("Cannot list the layers of {path}: {message}").format(
+                    path=path, message=str(error).splitlines()[0] if str(error) else type(error).__name__
+                )
+                logging.warning(f"SegHiResCAM: {problem}")
+            finally:
+                slicer.app.restoreOverrideCursor()
+        if problem or self.ui.statusLabel.text == self._layerProblem:
+            self.ui.statusLabel.text = problem
+        self._layerProblem = problem
         combo = self.ui.layerComboBox
         wasBlocked = combo.blockSignals(True)
         try:
             combo.clear()
             combo.addItem(_("Model card's default layer"), "")
-            if path and os.path.exists(path):
-                with slicer.util.tryWithErrorDisplay(_("Failed to read the model's layers."), waitCursor=True):
-                    for name, description in self.logic.describeLayers(path):
-                        combo.addItem(f"{name}  {description}", name)
+            for name, description in described or []:
+                combo.addItem(f"{name}  {description}", name)
         finally:
             combo.blockSignals(wasBlocked)
+        if p is not None:
+            layers = [name for name, _description in described] if described is not None else None
+            kept = layer_to_keep(p.layer, previous, path, layers)
+            if kept != p.layer:
+                self._parameterNode.layer = kept
         self._syncLayerSelection()
 
     def _syncLayerSelection(self) -> None:
@@ -355,17 +450,42 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- running -----------------------------------------------------------------------
     def onApplyButton(self) -> None:
-        """Apply starts a job; while it runs the same button cancels it."""
+        """Apply starts a job; while it runs the same button cancels it.
+
+        The questions (install PyTorch? run the model's code?) come first, each without the
+        wait cursor; the button stays off until the job runs, because installing PyTorch
+        pumps Qt events and a second click would start a second installation.
+        """
         if self._job is not None:
             self._cancelJob()
             self.ui.statusLabel.text = _("Cancelled; the scene was left as it was.")
             return
+        if self._startingRun:
+            return
+        self._startingRun = True
+        self.ui.applyButton.enabled = False
+        try:
+            self._startJob()
+        finally:
+            self._startingRun = False
+            if self._job is None:
+                self._checkCanApply()
+
+    def _startJob(self) -> None:
         p = self._parameterNode
+        if self.logic.torchInstallable() and not slicer.util.confirmOkCancelDisplay(
+            _("SegHiResCAM needs PyTorch, which is not installed yet. Install it now through the PyTorch "
+              "extension? This downloads up to a few gigabytes and may take several minutes."),
+            windowTitle=_("SegHiResCAM"),
+        ):
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to install PyTorch."), waitCursor=True):
+            self.logic.ensureTorch(askConfirmation=False)  # before the trust question, whose check needs torch
+            codeToTrust = self.logic.modelCodeToTrust(p.modelPath)
+        trustCode = self._askToTrustModelCode(codeToTrust)
+        if trustCode is None:
+            return
         with slicer.util.tryWithErrorDisplay(_("Failed to start the explanation."), waitCursor=True):
-            self.logic.ensureTorch(askConfirmation=True)  # before asking about the model's code, which needs torch
-            trustCode = self._askToTrustModelCode(p.modelPath)
-            if trustCode is None:
-                return
             self._job = self.logic.process(
                 p.inputVolume,
                 p.modelPath,
@@ -386,10 +506,10 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             )
             self._setRunning(True)
             self._pollTimer.start()
+        self.ui.modelPathLineEdit.addCurrentPathToHistory()  # settingKey keeps no history by itself
 
-    def _askToTrustModelCode(self, modelPath):
-        """False when the model runs no code of its own, True when the user trusts it, None to stop."""
-        reason = self.logic.modelCodeToTrust(modelPath)
+    def _askToTrustModelCode(self, reason):
+        """False when the model runs no code of its own (``reason`` None), True when the user trusts it, None to stop."""
         if reason is None:
             return False
         question = _("{reason}\n\nRun this model's code? Only do so for models from a source you trust.")
@@ -477,6 +597,9 @@ class SegHiResCAMLogic(ScriptedLoadableModuleLogic):
                                 layer="decoder.2", targetClass=1, device="cpu")
     """
 
+    #: True while PyTorch is being installed (shared by every logic: the panel's and the console's).
+    _installingTorch = False
+
     def getParameterNode(self):
         return SegHiResCAMParameterNode(super().getParameterNode())
 
@@ -485,16 +608,41 @@ class SegHiResCAMLogic(ScriptedLoadableModuleLogic):
         """True when torch is installed in Slicer's Python (checked without importing it)."""
         return importlib.util.find_spec("torch") is not None
 
+    @classmethod
+    def torchInstallable(cls) -> bool:
+        """True when torch is missing and the PyTorch extension (PyTorchUtils) can install it."""
+        return not cls.torchAvailable() and importlib.util.find_spec("PyTorchUtils") is not None
+
     def ensureTorch(self, askConfirmation: bool = True) -> None:
-        """Make sure PyTorch is installed, through the PyTorch extension (never pip directly).
+        """Make sure PyTorch ``TORCH_REQUIREMENT`` is installed, through the PyTorch extension (never pip directly).
+
+        Never installs in testing mode (PyTorch Utils would install gigabytes without asking
+        there), and never twice at a time.
 
         Raises:
-            MissingDependencyError: the PyTorch extension is missing, or installation was declined.
+            MissingDependencyError: the installed torch is too old, the PyTorch extension is
+                missing, installation was declined, is running already, or the application
+                runs in testing mode.
         """
-        if self.torchAvailable():
-            return
+        from SegHiResCAMLib.dependencies import unmet_requirement
         from SegHiResCAMLib.errors import MissingDependencyError
 
+        if self.torchAvailable():
+            old = unmet_requirement("torch", TORCH_REQUIREMENT)
+            if old is not None:
+                raise MissingDependencyError(
+                    f"PyTorch {old} is installed but SegHiResCAM needs torch{TORCH_REQUIREMENT}: in the 'PyTorch Utils' "
+                    f"module, uninstall it and install it again with the version requirement {TORCH_REQUIREMENT}, "
+                    "then restart Slicer."
+                )
+            return
+        if SegHiResCAMLogic._installingTorch:
+            raise MissingDependencyError("PyTorch is being installed; wait until it finishes, then try again.")
+        if slicer.app.testingEnabled():
+            raise MissingDependencyError(
+                "PyTorch is not installed, and SegHiResCAM never installs it in testing mode; install it from the "
+                "'PyTorch Utils' module first."
+            )
         try:
             import PyTorchUtils
         except ModuleNotFoundError as error:
@@ -504,7 +652,11 @@ class SegHiResCAMLogic(ScriptedLoadableModuleLogic):
             ) from error
         torchLogic = PyTorchUtils.PyTorchUtilsLogic()
         if not torchLogic.torchInstalled():
-            torch = torchLogic.installTorch(askConfirmation=askConfirmation, torchVersionRequirement=TORCH_REQUIREMENT)
+            SegHiResCAMLogic._installingTorch = True
+            try:
+                torch = torchLogic.installTorch(askConfirmation=askConfirmation, torchVersionRequirement=TORCH_REQUIREMENT)
+            finally:
+                SegHiResCAMLogic._installingTorch = False
             if torch is None:
                 raise MissingDependencyError(
                     "PyTorch was not installed, and SegHiResCAM cannot run without it; install it from the "
@@ -607,7 +759,7 @@ class SegHiResCAMLogic(ScriptedLoadableModuleLogic):
         """
         from SegHiResCAMLib.mrml.explain_job import ExplainJob, ExplainOptions
 
-        self.ensureTorch(askConfirmation=not slicer.app.testingEnabled())
+        self.ensureTorch(askConfirmation=True)  # in testing mode it refuses instead of installing
         options = ExplainOptions(
             layer=layer or None,
             target_class=int(targetClass),
@@ -632,6 +784,7 @@ class SegHiResCAMLogic(ScriptedLoadableModuleLogic):
             python_executable=self.pythonExecutable(),
             progress=progressCallback,
             volume_rendering_logic=slicer.modules.volumerendering.logic(),
+            temp_root=slicer.app.temporaryPath,  # the user's Slicer temp folder, not the system's
         )
         job.start()
         if not waitForCompletion:
@@ -670,6 +823,11 @@ class SegHiResCAMTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        # As SlicerTotalSegmentator's self-test does without its heavy dependencies: skip with a
+        # logged reason. Never install PyTorch (gigabytes) from a test.
+        if not SegHiResCAMLogic.torchAvailable():
+            logging.warning("SegHiResCAM self-test skipped: PyTorch is not installed (install it with 'PyTorch Utils').")
+            return
         self.setUp()
         self.test_heatmap_has_input_geometry_and_mass_on_the_evidence()
         self.setUp()
@@ -725,10 +883,13 @@ class SegHiResCAMTest(ScriptedLoadableModuleTest):
         self.delayDisplay(f"Test passed: {share:.0%} of the heatmap on the evidence")
 
     def test_missing_segment_gives_clear_error_and_no_node(self):
-        from SegHiResCAMLib.errors import SegHiResCAMError
+        from SegHiResCAMLib.errors import InputError
 
         volume, segmentation, _segmentId, *_ = self._syntheticBall()
         before = slicer.mrmlScene.GetNumberOfNodes()
-        with self.assertRaises(SegHiResCAMError):
+        with self.assertRaises(InputError) as caught:
             SegHiResCAMLogic().process(volume, self._modelPath(), segmentation, "NoSuchSegment", device="cpu")
+        # The exact class: a MissingDependencyError (no torch) is a SegHiResCAMError too.
+        self.assertIs(type(caught.exception), InputError)
+        self.assertIn("NoSuchSegment", str(caught.exception))
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before)

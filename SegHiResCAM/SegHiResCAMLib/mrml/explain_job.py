@@ -89,11 +89,14 @@ class ExplainJob:
             explain the model's own prediction of the target class.
         segment_id: the segment's ID in ``segmentation_node``.
         options: what to explain and how to show it.
-        output_node: a scalar volume node to fill; None = create one at the end.
+        output_node: a heatmap node of an earlier run to fill (refused before the run
+            when this module did not make it); None = create one at the end.
         python_executable: interpreter for the worker (``PythonSlicer`` in Slicer).
         progress: called with (fraction, message) as the worker reports progress.
         volume_rendering_logic: Slicer's volume rendering logic, for "show in 3D"
             (``slicer.modules.volumerendering.logic()``); None makes a temporary one.
+        temp_root: where the run's temp folder goes (``slicer.app.temporaryPath`` in
+            Slicer); None = the system's.
     """
 
     def __init__(
@@ -108,6 +111,7 @@ class ExplainJob:
         python_executable: str | os.PathLike | None = None,
         progress: ProgressCallback | None = None,
         volume_rendering_logic=None,
+        temp_root: str | os.PathLike | None = None,
     ) -> None:
         self.scene = scene
         self.volume_rendering_logic = volume_rendering_logic
@@ -119,6 +123,7 @@ class ExplainJob:
         self.output_node = output_node
         self.python_executable = python_executable
         self.progress = progress
+        self.temp_root = temp_root
         self.state = "new"  # new -> running -> done | failed | cancelled
         self.device: str | None = None
         self.seconds: float | None = None
@@ -134,7 +139,7 @@ class ExplainJob:
             raise RuntimeError("this job was already started; make a new ExplainJob")
         self._check_inputs()
         env = {"CUDA_VISIBLE_DEVICES": "-1"} if self.options.device == "cpu" else {}
-        worker = WorkerProcess(self.python_executable, env=env)
+        worker = WorkerProcess(self.python_executable, env=env, temp_root=self.temp_root)
         try:
             request = self._write_inputs(worker)
             self._started_at = time.monotonic()
@@ -230,6 +235,10 @@ class ExplainJob:
             if not self.segment_id:
                 raise InputError(f"select a segment of '{self.segmentation_node.GetName()}' to explain")
             self.segment_id = find_segment_id(self.segmentation_node, self.segment_id)  # an ID or a name
+        if self.output_node is not None:
+            from .heatmap_display import check_output_node
+
+            check_output_node(self.scene, self.output_node, self.input_volume_node)
 
     def _write_inputs(self, worker: WorkerProcess) -> Request:
         from .segments import segment_mask

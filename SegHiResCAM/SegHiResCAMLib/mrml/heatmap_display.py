@@ -4,8 +4,10 @@ The heatmap becomes a scalar volume node with the reference volume's geometry, a
 colour table (Slicer's Inferno where the scene has it, a built-in heat table otherwise),
 window 0..1 and a lower threshold below which voxels are transparent. Running again with
 the same output node updates it in place. The reference volume (and anything else the
-user made) is never modified; a call that fails leaves no new node behind, the slice
-views as they were, and an output node updated in place with its previous voxels.
+user made) is never modified: an output node must be a heatmap this module made (it
+carries :data:`HEATMAP_ATTRIBUTE`, which the panel's output selector also filters on),
+and only nodes made here are named here. A call that fails leaves no new node behind,
+the slice views as they were, and an output node updated in place with its previous voxels.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ INFERNO_COLOR_NODE_ID = "vtkMRMLColorTableNodeFileInferno.txt"
 #: Attribute that marks the heat colour table this module creates when Inferno is absent.
 HEAT_TABLE_ATTRIBUTE = "SegHiResCAM.HeatColorTable"
 HEAT_TABLE_NAME = "SegHiResCAM Heat"
-#: Attributes kept on the heatmap node, so that the live sliders can rebuild the 3D look.
+#: Marks a volume node as a heatmap this module made (value "1"): only such a node may be
+#: overwritten as an output. Attributes are kept on it so the live sliders can rebuild the 3D look.
 HEATMAP_ATTRIBUTE = "SegHiResCAM.Heatmap"
 OPACITY_ATTRIBUTE = "SegHiResCAM.Opacity"
 REFERENCE_ROLE = "SegHiResCAMReference"
@@ -62,8 +65,10 @@ def show_heatmap(
         heatmap: ``(K, J, I)`` float array in [0, 1], in the reference volume's voxel grid.
         reference_volume_node: the explained image; gives the geometry and stays the
             slice views' background. It is not modified.
-        output_node: a heatmap node from an earlier run to update in place; None creates one.
-        name: node name; default "<reference name> heatmap" for a new node.
+        output_node: a heatmap node from an earlier run (or an empty node carrying
+            :data:`HEATMAP_ATTRIBUTE`) to update in place, keeping its name; None creates one.
+        name: the name of a new node; default "<reference name> heatmap". An output node
+            given is never renamed.
         opacity: foreground opacity in the slice views (0..1).
         lower_threshold: values below it are transparent (0..1).
         show_3d: also show it with volume rendering in the 3D views.
@@ -75,7 +80,8 @@ def show_heatmap(
         The heatmap scalar volume node.
 
     Raises:
-        InputError: the heatmap does not fit the reference volume, or an option is out of range.
+        InputError: the heatmap does not fit the reference volume, an option is out of
+            range, or the output node is not a heatmap this module made.
     """
     heatmap = _checked_heatmap(heatmap, reference_volume_node)
     if reference_volume_node.GetScene() is not scene:
@@ -83,7 +89,7 @@ def show_heatmap(
     _check_fraction("opacity", opacity)
     _check_fraction("lower_threshold", lower_threshold)
     if output_node is not None:
-        _check_output_node(scene, output_node, reference_volume_node)
+        check_output_node(scene, output_node, reference_volume_node)
 
     ids_before = node_ids(scene)
     views_before = _slice_view_layers(scene)
@@ -93,9 +99,9 @@ def show_heatmap(
         if node is None:
             node = slicer.vtkMRMLScalarVolumeNode()
             node.SetName(name or f"{reference_volume_node.GetName()} heatmap")
+            # Marked before it enters the scene, so that selectors filtering on it list it at once.
+            node.SetAttribute(HEATMAP_ATTRIBUTE, "1")
             scene.AddNode(node)
-        elif name:
-            node.SetName(name)
         update_node_from_volume(node, Volume(heatmap, ijk_to_ras_of_node(reference_volume_node)))
         # Under the same transform as the image, so it overlays wherever the image is moved.
         node.SetAndObserveTransformNodeID(reference_volume_node.GetTransformNodeID())
@@ -208,7 +214,18 @@ def _check_fraction(label: str, value: float) -> None:
         raise InputError(f"{label} must be between 0 and 1, got {value}")
 
 
-def _check_output_node(scene, output_node, reference_volume_node) -> None:
+def is_heatmap_node(node) -> bool:
+    """True for a volume node this module made as a heatmap (or an empty one made to receive it)."""
+    return node is not None and node.GetAttribute(HEATMAP_ATTRIBUTE) == "1"
+
+
+def check_output_node(scene, output_node, reference_volume_node) -> None:
+    """Refuse an output node that running would wrongly overwrite (call before any long work).
+
+    Raises:
+        InputError: not a scalar volume of ``scene``, the input image itself, or a volume
+            this module did not make (an image of the user's, which would be overwritten).
+    """
     if not output_node.IsA("vtkMRMLScalarVolumeNode") or output_node.IsA("vtkMRMLLabelMapVolumeNode"):
         raise InputError(
             f"the output '{output_node.GetName()}' is not a scalar volume; choose a heatmap volume or create a new one"
@@ -220,6 +237,11 @@ def _check_output_node(scene, output_node, reference_volume_node) -> None:
     if output_node.GetID() == reference_volume_node.GetID():
         raise InputError(
             "the output heatmap cannot be the input image itself; choose another output volume or create a new one"
+        )
+    if not is_heatmap_node(output_node):
+        raise InputError(
+            f"the output '{output_node.GetName()}' is not a heatmap made by SegHiResCAM and would be overwritten; "
+            "choose one of its heatmaps or create a new one"
         )
 
 
