@@ -82,8 +82,19 @@ semantic segmentation via gradient-weighted class activation mapping", AAAI 2020
 #
 
 
+# The values of these enums are SegHiResCAMLib.catalog's names, in its order (a static test checks
+# it); their labels come from the catalog, imported when the panel draws its lists (it is torch-free,
+# but Slicer's module scan imports nothing of the library).
+
+
+def _catalogChoice(listName: str, name: str):
+    from SegHiResCAMLib import catalog
+
+    return catalog.find(getattr(catalog, listName), name, listName)
+
+
 class CamMethod(enum.Enum):
-    """CAM methods offered in the panel; values are the library's method names."""
+    """Heatmap methods offered in the panel (``catalog.METHOD_CHOICES``)."""
 
     SEG_HIRES_GRAD_CAM = "seg-hires-grad-cam"
     SEG_GRAD_CAM = "seg-grad-cam"
@@ -93,25 +104,28 @@ class CamMethod(enum.Enum):
     KERNEL_WEIGHTED = "kernel-weighted-contribution"
 
     def label(self) -> str:
-        return {
-            "seg-hires-grad-cam": _("Seg-HiRes-Grad CAM"),
-            "seg-grad-cam": _("Seg-Grad CAM"),
-            "seg-grad-cam++": _("Seg-Grad CAM++"),
-            "seg-xgrad-cam": _("Seg-XGrad CAM"),
-            "seg-layer-cam": _("Seg-Layer CAM"),
-            "kernel-weighted-contribution": _("Kernel-Weighted Contribution (slow: ablates each channel)"),
-        }[self.value]
+        return _(_catalogChoice("METHOD_CHOICES", self.value).panel_label)
+
+
+class TargetKind(enum.Enum):
+    """What the target sums over the region (``catalog.TARGET_CHOICES``)."""
+
+    LOGITS = "logits"
+    PROBABILITY_THRESHOLD = "probability-threshold"
+
+    def label(self) -> str:
+        return _(_catalogChoice("TARGET_CHOICES", self.value).label)
 
 
 class ComputeDevice(enum.Enum):
-    """Where the worker runs the model."""
+    """Where the worker runs the model (``catalog.DEVICE_CHOICES``)."""
 
     AUTO = "auto"
     CUDA = "cuda"
     CPU = "cpu"
 
     def label(self) -> str:
-        return {"auto": _("Auto (GPU if available)"), "cuda": _("GPU (CUDA)"), "cpu": _("CPU")}[self.value]
+        return _(_catalogChoice("DEVICE_CHOICES", self.value).label)
 
 
 class SliceAxis(enum.Enum):
@@ -149,7 +163,9 @@ class SegHiResCAMParameterNode:
     layer - the explained layer ("" = the model card's default).
     targetClass - the output channel whose prediction is explained.
     roiSegmentation, roiSegmentId - the region (segment) explained; none = the model's prediction.
-    method, device, sliceAxis - how to compute (sliceAxis only for 2D models).
+    method, target, targetThreshold - the heatmap method and the target (targetThreshold: the
+        probability t of the probability-threshold target).
+    device, sliceAxis - where and how to compute (sliceAxis only for 2D models).
     outputHeatmap - the volume that receives the heatmap (none = create one).
     opacity, lowerThreshold, showIn3D - how the heatmap is shown (live).
     """
@@ -161,6 +177,9 @@ class SegHiResCAMParameterNode:
     roiSegmentation: vtkMRMLSegmentationNode
     roiSegmentId: str = ""
     method: CamMethod = CamMethod.SEG_HIRES_GRAD_CAM
+    target: TargetKind = TargetKind.LOGITS
+    # Strictly inside (0, 1): ExplainSettings refuses 0 and 1, which would select every voxel or none.
+    targetThreshold: Annotated[float, WithinRange(0.01, 0.99)] = 0.5
     device: ComputeDevice = ComputeDevice.AUTO
     sliceAxis: SliceAxis = SliceAxis.MODEL_CARD
     outputHeatmap: vtkMRMLScalarVolumeNode
@@ -289,6 +308,9 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._syncModelPath()
         self._refreshLayerList()  # cheap unless the model path changed
         self._syncSegmentSelector()
+        self.ui.targetThresholdSliderWidget.enabled = bool(
+            self._parameterNode and self._parameterNode.target == TargetKind.PROBABILITY_THRESHOLD
+        )
         self._syncLayerSelection()
         self._applyLiveDisplay()
         self._checkCanApply()
@@ -473,6 +495,12 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _startJob(self) -> None:
         p = self._parameterNode
+        # The trust question reads file names and configs only, so it comes before any installation.
+        with slicer.util.tryWithErrorDisplay(_("Failed to read the model."), waitCursor=True):
+            codeToTrust = self.logic.modelCodeToTrust(p.modelPath)
+        trustCode = self._askToTrustModelCode(codeToTrust)
+        if trustCode is None:
+            return
         if self.logic.torchInstallable() and not slicer.util.confirmOkCancelDisplay(
             _("SegHiResCAM needs PyTorch, which is not installed yet. Install it now through the PyTorch "
               "extension? This downloads up to a few gigabytes and may take several minutes."),
@@ -480,29 +508,19 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ):
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to install PyTorch."), waitCursor=True):
-            self.logic.ensureTorch(askConfirmation=False)  # before the trust question, whose check needs torch
-            codeToTrust = self.logic.modelCodeToTrust(p.modelPath)
-        trustCode = self._askToTrustModelCode(codeToTrust)
-        if trustCode is None:
-            return
+            self.logic.ensureTorch(askConfirmation=False)
         with slicer.util.tryWithErrorDisplay(_("Failed to start the explanation."), waitCursor=True):
-            self._job = self.logic.process(
+            settings, display = self.logic.settingsFromParameterNode(p)
+            self._job = self.logic.start(
                 p.inputVolume,
                 p.modelPath,
-                p.roiSegmentation,
-                p.roiSegmentId or None,
+                settings,
+                display,
+                segmentationNode=p.roiSegmentation,
+                segmentId=p.roiSegmentId or None,
                 outputVolume=p.outputHeatmap,
-                layer=p.layer or None,
-                targetClass=p.targetClass,
-                method=p.method,
-                device=p.device,
-                sliceAxis=p.sliceAxis.axis(),
-                opacity=p.opacity,
-                lowerThreshold=p.lowerThreshold,
-                showIn3D=p.showIn3D,
-                waitForCompletion=False,
-                progressCallback=self._onProgress,
                 trustCode=trustCode,
+                progressCallback=self._onProgress,
             )
             self._setRunning(True)
             self._pollTimer.start()
@@ -595,6 +613,11 @@ class SegHiResCAMLogic(ScriptedLoadableModuleLogic):
         logic = SegHiResCAM.SegHiResCAMLogic()
         heatmap = logic.process(volumeNode, "/path/model.pt", segmentationNode, "Segment_1",
                                 layer="decoder.2", targetClass=1, device="cpu")
+
+        # Without blocking, with the settings object every door uses:
+        from SegHiResCAMLib.settings import ExplainSettings
+        job = logic.start(volumeNode, "/path/model.pt", ExplainSettings(target_class=1, layers=("decoder.2",)))
+        # ... job.poll() from a timer until True, then job.result() (job.cancel() stops it)
     """
 
     #: True while PyTorch is being installed (shared by every logic: the panel's and the console's).
@@ -679,7 +702,9 @@ class SegHiResCAMLogic(ScriptedLoadableModuleLogic):
     def describeLayers(self, modelPath) -> list:
         """(name, "Type  C×D×H×W") for each explainable layer, the model card's choices first.
 
-        Without torch only the model card's layers are listed, without shapes.
+        The shapes come from the worker process (Slicer's own process never loads torch for
+        them); without torch, or before the model's code is trusted, only the model card's layers
+        are listed, without shapes.
         """
         from SegHiResCAMLib.models.card import ModelCard, find_card  # json only, no torch
 
@@ -689,29 +714,107 @@ class SegHiResCAMLogic(ScriptedLoadableModuleLogic):
             return [(name, _("(install PyTorch to see shapes)")) for name in recommended]
         if self.modelCodeToTrust(modelPath) is not None:  # never run untrusted code just to list layers
             return [(name, _("(shapes appear once the model's code is trusted)")) for name in recommended]
+        listing = self.layerListing(modelPath)
         described = {
-            info.name: f"{info.type}  {'×'.join(map(str, info.output_shape[1:]))}"
-            for info in self.listLayers(modelPath)
-            if info.output_shape and not info.unusable  # unused, called several times, or no tensor out
+            row["name"]: f"{row['type']}  {'×'.join(map(str, row['output_shape'][1:]))}"
+            for row in listing["layers"]
+            # containers and unused modules have no output to explain; "unusable" says why a layer
+            # cannot be explained (called several times, no tensor out): `seghirescam layers` shows it
+            if row["output_shape"] and not row["unusable"]
         }
-        first = [name for name in recommended if name in described]  # the card's picks, starred, first
+        first = [name for name in listing["default_layers"] if name in described]  # the card's picks, starred
         return [(name, described[name] + "  ★") for name in first] + [
             (name, text) for name, text in described.items() if name not in first
         ]
 
     @staticmethod
     def modelCodeToTrust(modelPath):
-        """Why loading the model would run code that comes with it (ask the user first), or None."""
-        from SegHiResCAMLib.models.loading import code_to_trust
+        """Why loading the model would run code that comes with it (ask the user first), or None.
+
+        Torch-free: reads file names and configs only.
+        """
+        from SegHiResCAMLib.models.trust import code_to_trust
 
         return code_to_trust(modelPath)
 
-    def listLayers(self, modelPath) -> list:
-        """The model's layers (``LayerInfo``: name, type, output shape for a small example input)."""
-        from SegHiResCAMLib import list_layers, load_model
+    def layerListing(self, modelPath, trustCode: bool = False, timeout: float = 300.0) -> dict:
+        """The worker's layer listing: "layers" (name, type, output_shape for a small example input),
+        "default_layers" (the model card's), "example_shape", "class_names", "spatial_dims"."""
+        from SegHiResCAMLib.jobs.layers_job import LayersJob
 
-        loaded = load_model(modelPath)
-        return list_layers(loaded.module, loaded.card.example_shape(32))
+        job = LayersJob(modelPath, trust_code=trustCode, python_executable=self.pythonExecutable(),
+                        temp_root=slicer.app.temporaryPath)
+        return job.wait(timeout)
+
+    def listLayers(self, modelPath, trustCode: bool = False) -> list:
+        """The model's layers, each with ``name``, ``type`` and ``output_shape`` (listed by the worker)."""
+        import types
+
+        return [
+            types.SimpleNamespace(**{**row, "output_shape": tuple(row["output_shape"]) if row["output_shape"] else None})
+            for row in self.layerListing(modelPath, trustCode)["layers"]
+        ]
+
+    @staticmethod
+    def settingsFromParameterNode(parameterNode) -> tuple:
+        """The panel's choices as (ExplainSettings, DisplaySettings): the one place they are read."""
+        from SegHiResCAMLib.settings import DisplaySettings, ExplainSettings
+
+        p = parameterNode
+        explainSettings = ExplainSettings(
+            target_class=int(p.targetClass),
+            layers=(p.layer,) if p.layer else (),
+            methods=(p.method.value,),
+            target=p.target.value,
+            target_threshold=float(p.targetThreshold),
+            device=p.device.value,
+            slice_axis=p.sliceAxis.axis(),
+        )
+        displaySettings = DisplaySettings(
+            opacity=float(p.opacity), lower_threshold=float(p.lowerThreshold), show_3d=bool(p.showIn3D)
+        )
+        return explainSettings, displaySettings
+
+    def start(
+        self,
+        inputVolume: vtkMRMLScalarVolumeNode,
+        modelPath,
+        settings,
+        display=None,
+        segmentationNode=None,
+        segmentId=None,
+        outputVolume=None,
+        trustCode: bool = False,
+        progressCallback=None,
+    ):
+        """Start an explanation in the worker process and return the running ``ExplainJob`` at once.
+
+        :param settings: what to explain (``SegHiResCAMLib.settings.ExplainSettings``).
+        :param display: how to show it (``DisplaySettings``); None = the defaults.
+        :param segmentationNode, segmentId: the region; None = the model's own prediction.
+        :param outputVolume: scalar volume to fill with the first method's heatmap; None = create one.
+        :param trustCode: let the model's own code run; see ``modelCodeToTrust``.
+        :param progressCallback: called with (fraction, message).
+        :return: the job: ``poll()`` it from a timer (True once it ended), ``wait()`` for the heatmap
+            node, ``cancel()`` to stop; ``job.output_nodes`` holds one heatmap node per method.
+        """
+        from SegHiResCAMLib.jobs.explain_job import ExplainJob, JobInputs
+        from SegHiResCAMLib.settings import DisplaySettings
+
+        self.ensureTorch(askConfirmation=True)  # in testing mode it refuses instead of installing
+        job = ExplainJob(
+            slicer.mrmlScene,
+            JobInputs(inputVolume, modelPath, segmentationNode, segmentId, trust_code=bool(trustCode)),
+            settings,
+            display if display is not None else DisplaySettings(),
+            output_node=outputVolume,
+            python_executable=self.pythonExecutable(),
+            progress=progressCallback,
+            volume_rendering_logic=slicer.modules.volumerendering.logic(),
+            temp_root=slicer.app.temporaryPath,  # the user's Slicer temp folder, not the system's
+        )
+        job.start()
+        return job
 
     def process(
         self,
@@ -734,7 +837,7 @@ class SegHiResCAMLogic(ScriptedLoadableModuleLogic):
         target: str = "logits",
         threshold: float = 0.5,
     ):
-        """Compute the CAM of a segment's prediction and show it as a heatmap volume.
+        """Compute the heatmap of a segment's prediction and show it (blocking by default).
 
         :param inputVolume: the image the model segments.
         :param modelPath: model file (weights + model card beside it, or TorchScript).
@@ -748,45 +851,29 @@ class SegHiResCAMLogic(ScriptedLoadableModuleLogic):
         :param sliceAxis: for 2D models, array axis 0/1/2 (K/J/I); None = the model card's.
         :param opacity, lowerThreshold, showIn3D: how the heatmap is shown.
         :param waitForCompletion: True blocks and returns the heatmap node; False returns the
-            running ``ExplainJob`` (call ``poll()`` from a timer, ``cancel()`` to stop).
+            running ``ExplainJob`` as ``start`` does (``start`` is the way to run without blocking).
         :param progressCallback: called with (fraction, message).
         :param target: "logits" (the sum of the class logits over the region) or
-            "probability-threshold" (the sum of the class probabilities above ``threshold``).
-        :param threshold: the probability threshold of the "probability-threshold" target.
+            "probability-threshold" (the sum of the class probabilities above ``threshold``), or ``TargetKind``.
+        :param threshold: the target threshold of the "probability-threshold" target, strictly between 0 and 1.
         :param trustCode: let the model's own code run (a ``.py`` builder, a MONAI bundle with
             expressions); see ``modelCodeToTrust``.
         :raises SegHiResCAMError: with the worker's one-line message when the run fails.
         """
-        from SegHiResCAMLib.mrml.explain_job import ExplainJob, ExplainOptions
+        from SegHiResCAMLib.settings import DisplaySettings, ExplainSettings
 
-        self.ensureTorch(askConfirmation=True)  # in testing mode it refuses instead of installing
-        options = ExplainOptions(
-            layer=layer or None,
+        settings = ExplainSettings(
             target_class=int(targetClass),
-            method=method.value if isinstance(method, CamMethod) else str(method),
+            layers=() if not layer else layer,
+            methods=(method.value if isinstance(method, CamMethod) else str(method),),
+            target=target.value if isinstance(target, TargetKind) else str(target),
+            target_threshold=float(threshold),
             device=device.value if isinstance(device, ComputeDevice) else str(device),
             slice_axis=sliceAxis,
-            opacity=float(opacity),
-            lower_threshold=float(lowerThreshold),
-            show_3d=bool(showIn3D),
-            trust_code=bool(trustCode),
-            target=str(target),
-            threshold=float(threshold),
         )
-        job = ExplainJob(
-            slicer.mrmlScene,
-            inputVolume,
-            modelPath,
-            segmentationNode,
-            segmentId,
-            options=options,
-            output_node=outputVolume,
-            python_executable=self.pythonExecutable(),
-            progress=progressCallback,
-            volume_rendering_logic=slicer.modules.volumerendering.logic(),
-            temp_root=slicer.app.temporaryPath,  # the user's Slicer temp folder, not the system's
-        )
-        job.start()
+        display = DisplaySettings(opacity=float(opacity), lower_threshold=float(lowerThreshold), show_3d=bool(showIn3D))
+        job = self.start(inputVolume, modelPath, settings, display, segmentationNode, segmentId, outputVolume,
+                         trustCode, progressCallback)
         if not waitForCompletion:
             return job
         heatmap = job.wait()

@@ -57,7 +57,8 @@ def exercise(folder: Path) -> dict:
     from SegHiResCAMLib.io.images import read_image, write_image
     from SegHiResCAMLib.volume import Volume
     from SegHiResCAMLib.worker.launcher import WorkerProcess, descendant_pids
-    from SegHiResCAMLib.worker.protocol import Request
+    from SegHiResCAMLib.settings import ExplainSettings
+    from SegHiResCAMLib.worker.protocol import ExplainRequest
 
     done = []
     with tempfile.TemporaryDirectory() as scratch:
@@ -72,7 +73,8 @@ def exercise(folder: Path) -> dict:
 
         # The real worker on this Python: a missing image ends with one error event, exit status 1.
         with WorkerProcess(temp_root=scratch) as worker:
-            worker.start(Request(image=str(scratch / "missing.nrrd"), model="m.pt", output=str(worker.path("o.nrrd"))))
+            worker.start(ExplainRequest(images=(str(scratch / "missing.nrrd"),), model="m.pt",
+                                        outputs=(str(worker.path("o.nrrd")),), settings=ExplainSettings(target_class=1)))
             events = worker.wait(timeout=120)
             kinds = [e["event"] for e in events]
             if kinds.count("error") != 1 or kinds[-1] != "error" or "result" in kinds or worker.returncode != 1:

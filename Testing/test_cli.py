@@ -187,6 +187,7 @@ def test_usage_errors_exit_2(capsys):
     assert "seghirescam: error: the following arguments are required" in capsys.readouterr().err
 
 
+@pytest.mark.process
 def test_real_process_exit_status_and_single_stderr_line(files):
     folder, model = files
     env = {**os.environ, "PYTHONPATH": str(LIBRARY_PARENT)}

@@ -97,6 +97,7 @@ def test_demo_draws_axial_coronal_and_sagittal_pictures(demo_run):
     assert (np.abs(pixels[..., 0] - pixels[..., 2]) > 30).any()
 
 
+@pytest.mark.process
 def test_demo_without_slicer_core_still_writes_heatmaps_and_says_why_no_pictures(data_dir, tmp_path):
     code = (
         "import sys\n"

@@ -38,7 +38,7 @@ def test_a_map_of_ones_preserves_everything_exactly():
     model = unet(3, classes=3)
     image = np.random.default_rng(1).random((1, 16, 16, 16), dtype=np.float32)
     scores = masking_scores(model, image, np.ones((16, 16, 16)), target_class=1, device="cpu", baseline=0.3)
-    assert scores == MaskingScores(prediction_preserved=1.0, image_preserved=1.0)
+    assert scores == MaskingScores(prediction_preserved=1.0, image_preserved=1.0, excess_prediction=0.0)
 
 
 def test_a_map_of_zeros_keeps_no_image_and_a_bias_free_net_keeps_half_its_probability():
@@ -94,7 +94,7 @@ def test_2d_model_over_a_volume_and_a_given_region():
     roi[2, 3:7, 3:7] = True
     whole = masking_scores(model, volume, np.ones((6, 10, 10)), target_class=1, roi=roi, spatial_dims=2,
                            slice_axis=0, device="cpu")
-    assert whole == MaskingScores(1.0, 1.0)
+    assert whole == MaskingScores(1.0, 1.0, 0.0)
     half = np.zeros((6, 10, 10))
     half[:, :, :5] = 1.0
     scores = masking_scores(model, volume, half, target_class=1, roi=roi, spatial_dims=2, slice_axis=1,

@@ -18,9 +18,13 @@ import psutil
 import pytest
 
 from SegHiResCAMLib.io.images import read_image, write_image
+from SegHiResCAMLib.settings import ExplainSettings
 from SegHiResCAMLib.volume import Volume
 from SegHiResCAMLib.worker.launcher import WorkerProcess
-from SegHiResCAMLib.worker.protocol import Request
+from SegHiResCAMLib.worker.protocol import ExplainRequest
+
+# Every test here starts a fresh Python + torch process: the slow half of the suite.
+pytestmark = pytest.mark.process
 
 MODEL = Path(__file__).resolve().parents[1] / "SegHiResCAM" / "Resources" / "Models" / "SelfTestBallUNet.pt"
 IJK_TO_RAS = np.array([[-1.2, 0, 0, 20.0], [0, -1.2, 0, -5.0], [0, 0, 2.0, 7.0], [0, 0, 0, 1]])
@@ -44,9 +48,12 @@ def start_worker(worker: WorkerProcess, tmp_path: Path, size: int = 32, **fields
     roi = worker.path("roi.nrrd")
     write_image(volume.with_array(ball.astype(np.uint8)), roi)
     output = worker.path("heatmap.nrrd")
-    request = dict(image=str(image), model=str(MODEL), output=str(output), roi=str(roi), target_class=1, device="cpu")
-    request.update(fields)
-    worker.start(Request(**request))
+    paths = dict(images=[str(image)], model=str(MODEL), outputs=[str(output)], roi=str(roi), roi_label=1)
+    paths.update({key: fields.pop(key) for key in list(fields) if key in paths})
+    if "image" in fields:
+        paths["images"] = [fields.pop("image")]
+    settings = dict(ExplainSettings(target_class=1, device="cpu").to_dict(), **fields)
+    worker.start({"kind": "explain", **paths, "settings": settings})  # as written, for the worker to check
     return output
 
 
@@ -99,9 +106,9 @@ def test_poll_never_blocks_and_delivers_the_same_events_as_wait(tmp_path):
     "fields, expected",
     [
         ({"model": "/no/such/model.pt"}, "does not exist"),
-        ({"layer": "decoder.99"}, "decoder.99"),
+        ({"layers": ["decoder.99"]}, "decoder.99"),
         ({"target_class": 7}, "class 7"),
-        ({"method": "no-such-cam"}, "no-such-cam"),
+        ({"methods": ["no-such-cam"]}, "no-such-cam"),
         ({"image": "/no/such/image.nrrd"}, "image.nrrd"),
     ],
     ids=["missing-model", "unknown-layer", "unknown-class", "unknown-method", "missing-image"],
@@ -133,7 +140,8 @@ def test_a_worker_that_dies_silently_is_reported_as_one_error(tmp_path):
     broken.write_text("#!/bin/sh\necho 'Fatal Python error: init failed' >&2\nexit 3\n")
     broken.chmod(broken.stat().st_mode | stat.S_IEXEC)
     with WorkerProcess(python_executable=broken) as worker:
-        worker.start(Request(image="x.nrrd", model="m.pt", output="o.nrrd"))
+        worker.start(ExplainRequest(images=("x.nrrd",), model="m.pt", outputs=("o.nrrd",),
+                                    settings=ExplainSettings(target_class=1)))
         events = worker.wait(timeout=30)
     assert [e["event"] for e in events] == ["error"]
     assert "exit status 3" in events[0]["message"] and "init failed" in events[0]["message"]

@@ -84,6 +84,7 @@ def wait_for_progress(worker: WorkerProcess) -> list[dict]:
     return seen
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("child_leaves_group", [False, True], ids=["same-group", "own-session"])
 @pytest.mark.parametrize("psutil_importable", [True, False], ids=["psutil", "no-psutil"])
 def test_cancel_kills_the_worker_below_its_launcher_closes_the_pipes_and_removes_the_folder(
@@ -93,7 +94,7 @@ def test_cancel_kills_the_worker_below_its_launcher_closes_the_pipes_and_removes
     tree: list[int] = []
     try:
         # A large image keeps the real worker busy well past the cancel.
-        start_worker(worker, tmp_path, size=96, method="kernel-weighted-contribution")
+        start_worker(worker, tmp_path, size=96, methods=["kernel-weighted-contribution"])
         seen = wait_for_progress(worker)
         tree = [worker.pid] + [p.pid for p in psutil.Process(worker.pid).children(recursive=True)]
         real_worker = psutil.Process(tree[-1])
@@ -117,6 +118,7 @@ def test_cancel_kills_the_worker_below_its_launcher_closes_the_pipes_and_removes
         worker.close()
 
 
+@pytest.mark.process
 def test_cancel_returns_when_a_process_escaped_the_tree_and_leaves_its_pipes_to_the_readers(tmp_path, caplog):
     # A daemon that inherited the pipes, then lost its parent: no tree kill can find it.
     # Closing a pipe that a reader is blocked on would wait for that daemon (the freeze).
@@ -153,10 +155,11 @@ def test_cancel_returns_when_a_process_escaped_the_tree_and_leaves_its_pipes_to_
         worker.close()
 
 
+@pytest.mark.process
 def test_the_worker_does_not_run_in_its_temp_folder(tmp_path):
     # On Windows the working directory of a process that outlived a kill locks the folder.
     with WorkerProcess() as worker:
-        start_worker(worker, tmp_path, size=64, method="kernel-weighted-contribution")
+        start_worker(worker, tmp_path, size=64, methods=["kernel-weighted-contribution"])
         wait_for_progress(worker)
         cwd = Path(psutil.Process(worker.pid).cwd())
         assert cwd == launcher.LIBRARY_PARENT and worker.temp_dir not in (cwd, *cwd.parents)

@@ -81,6 +81,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
+@pytest.mark.process
 def test_command_line_asks_for_trust_code_before_running_a_builder(tmp_path):
     path = write_builder(tmp_path)
     refused = _cli("layers", "--model", str(path), "--size", "16")

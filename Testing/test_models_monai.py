@@ -94,7 +94,7 @@ def test_bundle_heatmap_comes_back_in_the_volume_grid(tmp_path):
     # (I, J, K) at 1.5 x 1.5 x 2.0 mm is 13.3 x 13.3 x 12.5 -> 13 x 13 x 12 (round half to even, as
     # nnU-Net), padded to multiples of 4 ("4*n" in the metadata)
     assert prepared.image.shape == (1, 16, 16, 12)
-    maps, _ = explain_volume(loaded, volume, target_class="spleen", layer=LAYER, device="cpu")
+    maps, _ = explain_volume(loaded, volume, target_class="spleen", layers=LAYER, device="cpu")
     heat = maps["seg-hires-grad-cam"]
     assert heat.array.shape == (10, 20, 20)
     np.testing.assert_array_equal(heat.ijk_to_ras, ijk_to_ras)

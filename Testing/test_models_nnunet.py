@@ -166,7 +166,7 @@ def test_region_based_model_explains_where_each_regions_sigmoid_exceeds_one_half
     loaded = load_model(write_nnunet_folder(tmp_path, network, labels=regions))
     assert loaded.card.multilabel and loaded.card.class_names == ("whole tumour", "tumour core", "enhancing")
     volume = ct_volume()
-    _, explanation = explain_volume(loaded, volume, target_class=1, layer=LAYER, device="cpu")
+    _, explanation = explain_volume(loaded, volume, target_class=1, layers=LAYER, device="cpu")
     with torch.no_grad():
         logits = network.eval()(torch.from_numpy(prepare_input(volume, loaded.card).image)[None])[0]
     assert explanation.roi_voxels == int((logits[1] > 0).sum()) != int((logits.argmax(0) == 1).sum())

@@ -86,6 +86,7 @@ def _load_without(package: str, path) -> str:
     return done.stdout
 
 
+@pytest.mark.process
 def test_missing_monai_names_the_monai_extra(tmp_path):
     torch.save({}, tmp_path / "net.pth")
     (tmp_path / "net.json").write_text(json.dumps({"name": "UNet", "args": {"spatial_dims": 3}}))
@@ -93,6 +94,7 @@ def test_missing_monai_names_the_monai_extra(tmp_path):
     assert "MISSING:" in out and 'pip install "seghirescam[monai]"' in out
 
 
+@pytest.mark.process
 def test_missing_network_package_names_the_nnunet_extra(tmp_path):
     pytest.importorskip("dynamic_network_architectures")  # needed to write the checkpoint here
     folder = write_nnunet_folder(tmp_path, nnunet_network())

@@ -23,8 +23,13 @@ LAYERS = ["dec.1.conv.conv", "mid", "dec.0", "head", "enc.1.act", "dec.1.up", "d
 
 def _export(model, dims: int, how: str, folder) -> str:
     example = torch.from_numpy(blob_image(SHAPES[dims]))[None]
+    return _saved(model, how, example, folder, f"model_{dims}d")
+
+
+def _saved(model, how: str, example: torch.Tensor, folder, name: str) -> str:
+    """``model`` scripted or traced (on ``example``) and saved as ``<name>_<how>.ts`` in ``folder``."""
     exported = torch.jit.script(model) if how == "script" else torch.jit.trace(model, example)
-    path = folder / f"model_{how}_{dims}d.ts"
+    path = folder / f"{name}_{how}.ts"
     torch.jit.save(exported, str(path))
     return str(path)
 
@@ -139,10 +144,7 @@ INPLACE_LAYERS = ["stem", "body", "act", "mix"]
 
 
 def _exported(model, how: str, example: torch.Tensor, folder, name: str):
-    exported = torch.jit.script(model) if how == "script" else torch.jit.trace(model, example)
-    path = folder / f"{name}_{how}.ts"
-    torch.jit.save(exported, str(path))
-    return load_model(path)
+    return load_model(_saved(model, how, example, folder, name))
 
 
 @pytest.mark.parametrize("dims", [2, 3])

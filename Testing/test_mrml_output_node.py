@@ -18,7 +18,8 @@ vtk = pytest.importorskip("vtk")
 from mrml_helpers import add_volume, oblique_ijk_to_ras  # noqa: E402
 
 from SegHiResCAMLib.errors import InputError  # noqa: E402
-from SegHiResCAMLib.mrml.explain_job import ExplainJob, ExplainOptions  # noqa: E402
+from SegHiResCAMLib.jobs.explain_job import ExplainJob, JobInputs  # noqa: E402
+from SegHiResCAMLib.settings import ExplainSettings  # noqa: E402
 from SegHiResCAMLib.mrml.heatmap_display import HEATMAP_ATTRIBUTE, is_heatmap_node, show_heatmap  # noqa: E402
 from SegHiResCAMLib.mrml.scene import new_scene, node_ids  # noqa: E402
 from SegHiResCAMLib.mrml.volumes import volume_from_node  # noqa: E402
@@ -99,8 +100,8 @@ def test_the_job_refuses_a_users_volume_before_any_work_and_changes_nothing(tmp_
     scene, volume, segmentation, segment_id, _ = ball_scene()
     other = add_volume(scene, np.full((32, 32, 32), 3.0, np.float32), np.eye(4), name="Prior CT")
     before, ids = volume_from_node(other), node_ids(scene)
-    job = ExplainJob(scene, volume, MODEL, segmentation, segment_id, ExplainOptions(device="cpu"),
-                     output_node=other, temp_root=tmp_path)
+    job = ExplainJob(scene, JobInputs(volume, MODEL, segmentation, segment_id),
+                     ExplainSettings(target_class=1, device="cpu"), output_node=other, temp_root=tmp_path)
     with pytest.raises(InputError, match="'Prior CT' is not a heatmap made by SegHiResCAM"):
         job.start()
     assert job.state == "new" and list(tmp_path.iterdir()) == [], "no worker, no temp folder"
@@ -109,11 +110,12 @@ def test_the_job_refuses_a_users_volume_before_any_work_and_changes_nothing(tmp_
     assert node_ids(scene) == ids
 
 
+@pytest.mark.process
 def test_the_job_fills_a_selector_made_volume_keeps_its_name_and_works_under_the_temp_root(tmp_path):
     scene, volume, segmentation, segment_id, near = ball_scene()
     node = empty_heatmap_node(scene, "CAM")
-    job = ExplainJob(scene, volume, MODEL, segmentation, segment_id, ExplainOptions(device="cpu"),
-                     output_node=node, temp_root=tmp_path)
+    job = ExplainJob(scene, JobInputs(volume, MODEL, segmentation, segment_id),
+                     ExplainSettings(target_class=1, device="cpu"), output_node=node, temp_root=tmp_path)
     job.start()
     assert Path(job.temp_dir).parent == tmp_path
     assert job.wait(timeout=120) is node

@@ -171,3 +171,16 @@ def test_read_corrupt_file_raises_and_adds_nothing(scene, tmp_path):
     with pytest.raises(OSError):
         read_volume_node(scene, path)
     assert node_ids(scene) == before
+
+
+def test_file_errors_are_the_familys_and_still_the_built_ins(scene, tmp_path):
+    from SegHiResCAMLib.errors import MissingFileError, SegHiResCAMError, StorageError
+
+    node = add_volume(scene, _ramp(), np.eye(4))
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(StorageError) as raised:
+        write_volume_node(node, tmp_path / "a_file" / "image.nrrd")
+    assert isinstance(raised.value, OSError) and isinstance(raised.value, SegHiResCAMError)
+    with pytest.raises(MissingFileError) as raised:
+        read_volume_node(scene, tmp_path / "missing.nrrd")
+    assert isinstance(raised.value, FileNotFoundError) and isinstance(raised.value, StorageError)

@@ -50,7 +50,7 @@ def test_maps_have_the_volume_grid_and_the_engine_values(tiny3d):
     image = volume()
     roi = central_roi()
     maps, explanation = explain_volume(
-        tiny3d, image, target_class=2, roi=roi, layer="bottleneck", methods=("seg-hires-grad-cam", "seg-grad-cam")
+        tiny3d, image, target_class=2, roi=roi, layers="bottleneck", methods=("seg-hires-grad-cam", "seg-grad-cam")
     )
     # oracle: the engine on the same (identity-preprocessed, intensity "none") array
     direct = explain_detailed(tiny3d.module, image.array[None], layer="bottleneck", target_class=2, roi=roi,
@@ -74,7 +74,7 @@ def test_class_can_be_given_by_name(tiny3d):
 def test_default_layer_is_the_model_cards_first(tiny3d):
     image = volume()
     default, _ = explain_volume(tiny3d, image, target_class=1, roi=central_roi())
-    explicit, _ = explain_volume(tiny3d, image, target_class=1, roi=central_roi(), layer=tiny3d.card.layers[0])
+    explicit, _ = explain_volume(tiny3d, image, target_class=1, roi=central_roi(), layers=tiny3d.card.layers[0])
     np.testing.assert_array_equal(default["seg-hires-grad-cam"].array, explicit["seg-hires-grad-cam"].array)
 
 
@@ -89,7 +89,7 @@ def test_class_outside_the_model_is_refused_with_the_class_list():
 def test_unknown_layer_fails_before_any_work_naming_close_layers(tiny3d):
     calls = []
     with pytest.raises(LayerError, match="'decoder.9' does not exist; nearest names: .*decoder.0"):
-        explain_volume(tiny3d, volume(), target_class=2, layer="decoder.9", progress=lambda f, m: calls.append(f))
+        explain_volume(tiny3d, volume(), target_class=2, layers="decoder.9", progress=lambda f, m: calls.append(f))
     assert calls == []
 
 
@@ -122,7 +122,7 @@ def test_progress_runs_from_zero_to_one_without_going_back(tiny2d):
 def test_2d_model_runs_slice_by_slice_on_a_volume(tiny2d):
     image = volume()
     roi = central_roi()
-    maps, _ = explain_volume(tiny2d, image, target_class=1, roi=roi, layer="decoder.0")
+    maps, _ = explain_volume(tiny2d, image, target_class=1, roi=roi, layers="decoder.0")
     heat = maps["seg-hires-grad-cam"].array
     assert heat.shape == image.spatial_shape
     # HiRes-CAM is local: slices along the slice axis with no ROI get no map at all
@@ -158,7 +158,7 @@ def test_slice_axis_chosen_by_the_user_overrides_the_model_cards(tiny2d):
     assert tiny2d.card.divisible_by == 2 and tiny2d.card.slice_axis == 0
     roi = np.zeros(image.spatial_shape, bool)
     roi[4:12, 4:12, 6:9] = True  # present on every K slice, on only three I slices
-    maps, _ = explain_volume(tiny2d, image, target_class=1, roi=roi, layer="decoder.0", slice_axis=2)
+    maps, _ = explain_volume(tiny2d, image, target_class=1, roi=roi, layers="decoder.0", slice_axis=2)
     heat = maps["seg-hires-grad-cam"].array
     assert np.all(heat[:, :, :6] == 0) and np.all(heat[:, :, 9:] == 0)
     assert heat[:, :, 6:9].max() == pytest.approx(1.0)

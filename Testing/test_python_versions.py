@@ -34,10 +34,13 @@ BROUGHT_BY_OTHERS = {"torch", "numpy", "SimpleITK", "slicer", "vtk", "qt", "mona
 TORCH_FREE = ["SegHiResCAMLib", "SegHiResCAMLib.errors", "SegHiResCAMLib.lazy", "SegHiResCAMLib.volume",
               "SegHiResCAMLib.io.images", "SegHiResCAMLib.models.card", "SegHiResCAMLib.panel_rules",
               "SegHiResCAMLib.dependencies", "SegHiResCAMLib.worker.protocol", "SegHiResCAMLib.worker.launcher",
-              "SegHiResCAMLib.worker.main"]
+              "SegHiResCAMLib.worker.main", "SegHiResCAMLib.catalog", "SegHiResCAMLib.settings",
+              "SegHiResCAMLib.service", "SegHiResCAMLib.io.channels", "SegHiResCAMLib.models.trust",
+              "SegHiResCAMLib.jobs.worker_job", "SegHiResCAMLib.jobs.layers_job", "SegHiResCAMLib.jobs.explain_job"]
 STDLIB_ONLY = ["SegHiResCAMLib", "SegHiResCAMLib.errors", "SegHiResCAMLib.lazy", "SegHiResCAMLib.models.card",
                "SegHiResCAMLib.panel_rules", "SegHiResCAMLib.dependencies", "SegHiResCAMLib.worker.protocol",
-               "SegHiResCAMLib.worker.launcher"]
+               "SegHiResCAMLib.worker.launcher", "SegHiResCAMLib.catalog", "SegHiResCAMLib.settings",
+               "SegHiResCAMLib.progress", "SegHiResCAMLib.models.trust", "SegHiResCAMLib.models.monai_config"]
 
 
 def _missing(what: str):

@@ -149,6 +149,42 @@ def test_widgets_the_code_uses_exist_in_the_ui():
     assert not missing, f"SegHiResCAM.py uses widgets the .ui lacks: {sorted(missing)}"
 
 
+def enum_values(name: str) -> list[str]:
+    """The member values of an enum class in SegHiResCAM.py, in order."""
+    return [ast.literal_eval(stmt.value) for stmt in class_def(name).body
+            if isinstance(stmt, ast.Assign) and isinstance(stmt.value, ast.Constant)]
+
+
+@pytest.mark.parametrize("enum, choices", [("CamMethod", "METHOD_CHOICES"), ("TargetKind", "TARGET_CHOICES"),
+                                           ("ComputeDevice", "DEVICE_CHOICES")])
+def test_the_panels_choices_are_the_catalogs_in_its_order(enum, choices):
+    from SegHiResCAMLib import catalog
+
+    assert enum_values(enum) == list(catalog.names(getattr(catalog, choices)))
+    label = next(n for n in class_def(enum).body if isinstance(n, ast.FunctionDef) and n.name == "label")
+    assert repr(choices) in ast.unparse(label), "labels come from the catalog"
+
+
+def test_the_target_threshold_widget_stays_strictly_inside_zero_to_one():
+    widget = ui_widgets()["targetThresholdSliderWidget"]
+    values = {p.get("name"): float(p.findtext("double")) for p in widget.findall("property") if p.find("double") is not None}
+    annotation = parameter_fields()["targetThreshold"]
+    low, high = (float(v) for v in re.search(r"WithinRange\(([\d.]+), ([\d.]+)\)", annotation).groups())
+    assert 0.0 < values["minimum"] == low < values["value"] < values["maximum"] == high < 1.0
+
+
+def test_the_logic_reads_every_explanation_and_display_choice_in_one_place():
+    cls = class_def("SegHiResCAMLogic")
+    method = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "settingsFromParameterNode")
+    read = {node.attr for node in ast.walk(method) if isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name) and node.value.id == "p"}
+    inputs = {"inputVolume", "modelPath", "roiSegmentation", "roiSegmentId", "outputHeatmap"}  # the job's inputs
+    assert read == set(parameter_fields()) - inputs
+    widget = class_def("SegHiResCAMWidget")
+    calls = {ast.unparse(node.func) for node in ast.walk(widget) if isinstance(node, ast.Call)}
+    assert "self.logic.settingsFromParameterNode" in calls and "self.logic.start" in calls
+
+
 # -- module file hygiene ---------------------------------------------------------------------
 
 
@@ -189,6 +225,8 @@ def test_logic_process_has_the_documented_console_signature():
         assert keyword in names
     defaults = dict(zip(names[-len(process.args.defaults):], process.args.defaults))
     assert ast.literal_eval(defaults["device"]) == "auto" and ast.literal_eval(defaults["waitForCompletion"]) is True
+    start = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "start")
+    assert [a.arg for a in start.args.args][:4] == ["self", "inputVolume", "modelPath", "settings"]
 
 
 def test_module_metadata_cites_both_papers_and_explains_limits():

@@ -16,8 +16,9 @@ from tiny_models import save_tiny_unet, write_labels_like, write_oblique_image
 from SegHiResCAMLib.io.images import read_image, read_mask
 from SegHiResCAMLib.models.loading import load_model
 from SegHiResCAMLib.pipeline import explain_volume
+from SegHiResCAMLib.settings import ExplainSettings
 from SegHiResCAMLib.worker.main import main
-from SegHiResCAMLib.worker.protocol import Request, parse_event
+from SegHiResCAMLib.worker.protocol import ExplainRequest, parse_event
 
 LIBRARY_PARENT = Path(__file__).resolve().parents[1] / "SegHiResCAM"
 
@@ -35,11 +36,12 @@ def case(tmp_path_factory):
     return folder, model, reference
 
 
-def request_for(folder: Path, model: Path, **fields) -> Request:
-    values = dict(image=str(folder / "t1.nrrd"), model=str(model), output=str(folder / "heat.nrrd"),
-                  layer="bottleneck", target_class=2, roi=str(folder / "seg.nrrd"), roi_label=2)
-    values.update(fields)
-    return Request(**values)
+def request_for(folder: Path, model: Path, *, image=None, output=None, roi=None, roi_label=2,
+                **choices) -> ExplainRequest:
+    settings = ExplainSettings(**{"layers": "bottleneck", "target_class": 2, **choices})
+    return ExplainRequest(images=(str(image or folder / "t1.nrrd"),), model=str(model),
+                          outputs=(str(output or folder / "heat.nrrd"),), settings=settings,
+                          roi=str(roi or folder / "seg.nrrd"), roi_label=roi_label)
 
 
 def run_in_process(path: Path) -> tuple[int, list[dict]]:
@@ -51,12 +53,13 @@ def run_in_process(path: Path) -> tuple[int, list[dict]]:
     return code, events
 
 
-def write_request(folder: Path, request: Request, name: str = "request.json") -> Path:
+def write_request(folder: Path, request: ExplainRequest, name: str = "request.json") -> Path:
     path = folder / name
     path.write_text(request.to_json(), encoding="utf-8")
     return path
 
 
+@pytest.mark.process
 def test_worker_process_streams_progress_then_result_and_writes_the_heatmap(case):
     folder, model, reference = case
     output = folder / "heat_subprocess.nrrd"
@@ -79,7 +82,7 @@ def test_worker_process_streams_progress_then_result_and_writes_the_heatmap(case
     np.testing.assert_allclose(written.GetDirection(), reference.GetDirection(), atol=1e-6)
     # oracle: the same explanation computed in this process through the library
     image = read_image(folder / "t1.nrrd")
-    maps, _ = explain_volume(load_model(model), image, target_class=2, layer="bottleneck",
+    maps, _ = explain_volume(load_model(model), image, target_class=2, layers="bottleneck",
                              roi=read_mask(folder / "seg.nrrd", image, label=2), device="cpu")
     np.testing.assert_allclose(sitk.GetArrayFromImage(written), maps["seg-hires-grad-cam"].array, atol=1e-5)
 
@@ -90,6 +93,7 @@ def _clean_env() -> dict[str, str]:
     return {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
 
 
+@pytest.mark.process
 def test_worker_imports_neither_slicer_nor_qt_nor_vtk(case):
     folder, model, _ = case
     path = write_request(folder, request_for(folder, model, output=str(folder / "heat_imports.nrrd")), "imp.json")
@@ -118,7 +122,7 @@ def test_missing_image_gives_one_error_event_and_exit_1(case):
 
 def test_unknown_layer_error_names_the_nearest_layers(case):
     folder, model, _ = case
-    code, events = run_in_process(write_request(folder, request_for(folder, model, layer="decoder.9"), "layer.json"))
+    code, events = run_in_process(write_request(folder, request_for(folder, model, layers="decoder.9"), "layer.json"))
     assert code == 1
     assert events[-1]["event"] == "error" and "nearest names" in events[-1]["message"]
     assert "decoder.0" in events[-1]["message"]

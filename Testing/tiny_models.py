@@ -27,11 +27,12 @@ def save_tiny_unet(
     channels: tuple[int, ...] = (4, 8),
     layers: tuple[str, ...] = ("bottleneck", "decoder.0", "head"),
     seed: int = 0,
+    in_channels: int = 1,
     **card_fields,
 ) -> Path:
     """Write ``<name>.pt`` (state dict) and ``<name>.json`` (model card); return the weights path."""
     torch.manual_seed(seed)
-    network = UNet(spatial_dims=spatial_dims, in_channels=1, out_channels=len(CLASS_NAMES), channels=channels)
+    network = UNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=len(CLASS_NAMES), channels=channels)
     # Non-trivial batch-norm statistics, so eval mode differs from a fresh network.
     for module in network.modules():
         if isinstance(module, (torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)):
@@ -43,12 +44,12 @@ def save_tiny_unet(
     card = ModelCard(
         name=name,
         spatial_dims=spatial_dims,
-        in_channels=1,
+        in_channels=in_channels,
         class_names=CLASS_NAMES,
         layers=layers,
         divisible_by=2 ** (len(channels) - 1),
         network={"name": "SegHiResCAM.UNet",
-                 "args": {"spatial_dims": spatial_dims, "in_channels": 1, "out_channels": len(CLASS_NAMES),
+                 "args": {"spatial_dims": spatial_dims, "in_channels": in_channels, "out_channels": len(CLASS_NAMES),
                           "channels": list(channels)}},
         **card_fields,
     )

@@ -3,7 +3,7 @@
 The public names are imported lazily, so that ``import SegHiResCAMLib`` (and
 Slicer's module scan) never pulls in torch:
 
->>> from SegHiResCAMLib import explain, list_layers, load_model
+>>> from SegHiResCAMLib import ExplainSettings, explain, list_layers, load_model
 """
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "explain": "engine.explain",
     "explain_detailed": "engine.explain",
+    "explain_with_settings": "engine.explain",
+    "ExplainSettings": "settings",
+    "DisplaySettings": "settings",
     "Explanation": "engine.explain",
     "METHODS": "engine.methods",
     "kernel_weighted_contribution": "engine.kernel_weighted",
@@ -26,6 +29,7 @@ _LAZY = {
     "LoadedModel": "models.loading",
     "ModelCard": "models.card",
     "Volume": "volume",
+    "show": "evaluation.viewer",
 }
 
 __all__ = sorted(_LAZY)

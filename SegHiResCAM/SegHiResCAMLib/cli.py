@@ -1,8 +1,10 @@
 """The ``seghirescam`` command line: ``explain``, ``layers`` and ``demo``.
 
-``explain`` runs exactly the worker's code (:func:`SegHiResCAMLib.worker.main.execute`) that
-the Slicer module runs in ``PythonSlicer``, with a progress bar instead of JSON events.
-Errors come out as one line, ``seghirescam: error: ...``, with exit status 1 (2 for usage).
+``explain`` and ``layers`` build the same request objects as the Slicer module's worker and run
+them through the same application service (:func:`SegHiResCAMLib.service.run_request`), in this
+process, with a progress bar instead of JSON events. Choices and their help come from
+:mod:`SegHiResCAMLib.catalog`. Errors come out as one line, ``seghirescam: error: ...``, with exit
+status 1 (2 for usage).
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ import traceback
 from pathlib import Path
 from typing import Any, TextIO
 
-from . import __version__
-from .errors import InputError, SegHiResCAMError
-from .worker.main import one_line
+from . import __version__, catalog
+from .errors import InternalError, SegHiResCAMError, internal_error_line, one_line
 
 PROG = "seghirescam"
-from .worker.protocol import DEVICES
+#: How a user reports an internal error of the command line.
+REPORT_ADVICE = "rerun with --debug and report the traceback it prints"
 
 
 class ProgressBar:
@@ -72,16 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="print the full traceback on errors")
-    commands = parser.add_subparsers(dest="command", metavar="{explain,layers,demo}", parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", metavar="{explain,layers,demo,evaluate}", parser_class=_Parser)
     commands.required = True
 
     explain = commands.add_parser(
         "explain",
         help="explain one class of a model's segmentation of an image; write the heatmap",
-        description="Explain why MODEL segments CLASS (inside ROI, or where it predicts CLASS) in IMAGE; "
+        description="Explain why MODEL segments CLASS (inside the region ROI, or where it predicts CLASS) in IMAGE; "
         "write the heatmap on the image's exact voxel grid.",
     )
-    explain.add_argument("--image", required=True, metavar="PATH", help="NRRD, NIfTI, or a DICOM series folder")
+    explain.add_argument("--image", required=True, action="append", metavar="PATH",
+                         help="NRRD, NIfTI, or a DICOM series folder; repeat it for a model with several input "
+                         "channels, one image per channel in the model card's order (later images are resampled "
+                         "onto the first one's grid)")
     explain.add_argument("--model", required=True, metavar="PATH", help=MODEL_HELP)
     explain.add_argument(
         "--layer", action="append", metavar="NAME",
@@ -90,15 +95,25 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--class", dest="target_class", required=True, metavar="C", help="class index or class name")
     explain.add_argument("--roi", metavar="PATH", help="label file of the region to explain (default: the model's own prediction of C)")
     explain.add_argument("--roi-label", metavar="L", help="label value or segment name in --roi (default: its only label)")
-    explain.add_argument("--method", default="seg-hires-grad-cam", metavar="M",
-                         help="seg-hires-grad-cam (default), seg-grad-cam, seg-grad-cam++, seg-xgrad-cam, seg-layer-cam, "
-                         "kernel-weighted-contribution (ablation of each channel: slow)")
-    explain.add_argument("--target", default="logits", metavar="T",
-                         help="what is explained: logits (default) or probability-threshold")
+    explain.add_argument("--region", choices=catalog.names(catalog.REGION_CHOICES), metavar="KIND",
+                         help="what the target sums over: " + _choices_help(catalog.REGION_CHOICES)
+                         + " (default: mask with --roi, else prediction)")
+    explain.add_argument("--method", action="append", metavar="M",
+                         help=_choices_help(catalog.METHOD_CHOICES, catalog.DEFAULT_METHOD)
+                         + "; repeat it for several heatmaps from one run (the gradient methods share one backward)")
+    explain.add_argument("--target", default=catalog.LOGITS, metavar="T",
+                         help="what is explained: " + _choices_help(catalog.TARGET_CHOICES, catalog.LOGITS))
     explain.add_argument("--threshold", type=float, default=0.5,
-                         help="probability threshold of the probability-threshold target (default: 0.5)")
-    explain.add_argument("--out", required=True, metavar="PATH", help="heatmap file to write (.nrrd, .nii.gz)")
-    explain.add_argument("--png", metavar="PATH", help="also write an axial slice with the heatmap over the image")
+                         help="the target threshold t of the probability-threshold target, strictly between 0 and 1 "
+                         "(default: 0.5)")
+    explain.add_argument("--slice-axis", type=int, choices=(0, 1, 2), metavar="A",
+                         help="for 2D models: the axis of the model's input grid to slice along (0 = K, 1 = J, "
+                         "2 = I of the volume unless the model card reorients it; default: the model card's)")
+    explain.add_argument("--out", required=True, metavar="PATH",
+                         help="heatmap file to write (.nrrd, .nii.gz); with several --method, one file per method: "
+                         "PATH's name with _<method> before the extension (heat_seg-grad-cam.nrrd)")
+    explain.add_argument("--png", metavar="PATH",
+                         help="also write an axial slice with the heatmap over the image (named like --out per method)")
     _add_device(explain)
     _add_trust(explain)
 
@@ -122,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--layer", metavar="NAME", help="layer to explain in every model (default: each model card's)")
     demo.add_argument("--data", metavar="DIR", help="folder with the demo image and models (default: the bundled ones)")
     _add_device(demo)
+
+    from .evaluation import command as evaluate_command
+
+    evaluate_command.add_arguments(commands.add_parser("evaluate", help=evaluate_command.HELP,
+                                                       description=evaluate_command.DESCRIPTION))
     return parser
 
 
@@ -129,8 +149,15 @@ MODEL_HELP = ("model file or folder: TorchScript, state dict + model card (.json
               "nnU-Net v2 results folder, or a .py build_model() file (with --trust-code)")
 
 
+def _choices_help(choices, default: str | None = None) -> str:
+    """``name (what it is)`` for each catalog choice, the default marked."""
+    return "; ".join(f"{c.name}{' (default)' if c.name == default else ''}: {c.description or c.label}"
+                     for c in choices)
+
+
 def _add_device(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", choices=DEVICES, help="where to compute (default: auto = GPU if any)")
+    parser.add_argument("--device", default="auto", choices=catalog.names(catalog.DEVICE_CHOICES),
+                        help="where to compute (default: auto = GPU if any)")
 
 
 def _add_trust(parser: argparse.ArgumentParser) -> None:
@@ -147,75 +174,67 @@ def _warn(message: str) -> None:
     print(f"{PROG}: warning: {message}", file=sys.stderr, flush=True)
 
 
-def _check_choices(method: str, target: str) -> None:
-    """Check names against the engine's own lists (argparse choices would import torch for --help)."""
-    from .engine.explain import METHOD_NAMES
-    from .engine.targets import TARGETS
+def _class_or_name(text: str) -> int | str:
+    return int(text) if text.strip().lstrip("-").isdigit() else text
 
-    if method not in METHOD_NAMES:
-        raise InputError(f"method {method!r} is unknown; choose one of: {', '.join(METHOD_NAMES)}")
-    if target not in TARGETS:
-        raise InputError(f"target {target!r} is unknown; choose one of: {', '.join(TARGETS)}")
+
+def explain_request(args: argparse.Namespace):
+    """The worker request (paths + settings) that ``seghirescam explain`` runs."""
+    from .service import method_outputs
+    from .settings import ExplainSettings
+    from .worker.protocol import ExplainRequest
+
+    settings = ExplainSettings(
+        target_class=_class_or_name(args.target_class), layers=tuple(args.layer or ()),
+        methods=tuple(args.method or (catalog.DEFAULT_METHOD,)), target=args.target, target_threshold=args.threshold,
+        device=args.device, slice_axis=args.slice_axis, region=args.region,
+    )
+    roi_label = None if args.roi_label is None else _class_or_name(args.roi_label)
+    return ExplainRequest(
+        images=tuple(str(path) for path in args.image), model=str(args.model),
+        outputs=tuple(str(path) for path in method_outputs(args.out, settings.methods)), settings=settings,
+        roi=args.roi, roi_label=roi_label, trust_code=args.trust_code,
+    )
 
 
 def run_explain(args: argparse.Namespace) -> int:
-    from .worker.main import execute
-    from .worker.protocol import Request
+    from .service import method_outputs, run_request
 
-    _check_choices(args.method, args.target)
-    layer = None if not args.layer else (args.layer[0] if len(args.layer) == 1 else list(args.layer))
-    roi_label: int | str | None = args.roi_label
-    if isinstance(roi_label, str) and roi_label.lstrip("-").isdigit():
-        roi_label = int(roi_label)
-    target_class: int | str = int(args.target_class) if args.target_class.lstrip("-").isdigit() else args.target_class
-    request = Request(
-        image=str(args.image), model=str(args.model), output=str(args.out), layer=layer,
-        target_class=target_class, roi=args.roi, roi_label=roi_label, method=args.method,
-        target=args.target, threshold=args.threshold, device=args.device, trust_code=args.trust_code,
-    )
+    request = explain_request(args)
     bar = ProgressBar(sys.stderr)
-
-    def sink(name: str, **fields: Any) -> None:
-        if name == "progress":
-            bar.update(fields["fraction"], fields.get("message", ""))
-        elif name == "warning":
-            bar.close()
-            _warn(fields["message"])
-
     try:
-        result = execute(request, sink)
+        result = run_request(request, progress=bar.update, warn=lambda message: (bar.close(), _warn(message)))
     finally:
         bar.close()
-    _print(f"wrote {result.output} ({args.method}, device {result.device}, {result.seconds:.1f} s, "
-           f"ROI {result.roi_voxels} voxels)")
+    for method, path in result.outputs.items():
+        _print(f"wrote {path} ({method}, device {result.device}, {result.seconds:.1f} s, "
+               f"region {result.roi_voxels} voxels)")
     if args.png:
         from .overlays import render_overlays
 
-        written, reason = render_overlays(result.image, result.maps[args.method], Path(args.png).with_suffix(""),
-                                          orientations=("axial",), single_path=Path(args.png))
-        if written:
+        for method, png in zip(result.settings.methods, method_outputs(args.png, result.settings.methods)):
+            written, reason = render_overlays(result.image, result.maps[method], png.with_suffix(""),
+                                              orientations=("axial",), single_path=png)
+            if not written:
+                _warn(f"no PNG written: {reason}")
+                break
             _print(f"wrote {written[0]}")
-        else:
-            _warn(f"no PNG written: {reason}")
     return 0
 
 
 def run_layers(args: argparse.Namespace) -> int:
-    from .engine.layers import list_layers
-    from .worker.main import load_model_for
+    from .service import run_request
+    from .worker.protocol import LayersRequest
 
-    loaded = load_model_for(args.model, trust_code=args.trust_code)
-    card = loaded.card
-    if args.size < 1:
-        raise InputError(f"--size must be a positive number of voxels, got {args.size}")
-    shape = card.example_shape(args.size)
-    infos = list_layers(loaded.module, shape)
-    default = card.default_layer
-    _print(f"# {card.name}: {card.spatial_dims}D, classes {', '.join(f'{i}={n}' for i, n in enumerate(card.class_names))}")
+    listing = run_request(LayersRequest(model=str(args.model), trust_code=args.trust_code, size=args.size))
+    shape = listing.example_shape
+    default = listing.default_layers[0] if listing.default_layers else None
+    _print(f"# {listing.model}: {listing.spatial_dims}D, classes "
+           f"{', '.join(f'{i}={n}' for i, n in enumerate(listing.class_names))}")
     _print(f"# output shapes for an input of {'x'.join(map(str, shape))}; * = model card's default layer")
-    width = max((len(info.name) for info in infos), default=4)
-    kinds = max((len(info.type) for info in infos), default=4)
-    for info in infos:
+    width = max((len(info.name) for info in listing.layers), default=4)
+    kinds = max((len(info.type) for info in listing.layers), default=4)
+    for info in listing.layers:
         shape_text = "x".join(map(str, info.output_shape)) if info.output_shape else "-"
         mark = "*" if info.name == default else " "
         why = f"  (cannot be explained: {info.unusable})" if info.unusable else ""
@@ -238,7 +257,13 @@ def run_demo_command(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"explain": run_explain, "layers": run_layers, "demo": run_demo_command}
+def run_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation.command import run
+
+    return run(args)
+
+
+COMMANDS = {"explain": run_explain, "layers": run_layers, "demo": run_demo_command, "evaluate": run_evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,20 +272,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args)
+    except InternalError as error:
+        return _report_error(args, internal_error_line(error, REPORT_ADVICE))
     except SegHiResCAMError as error:
-        if args.debug:
-            traceback.print_exc()
-        print(f"{PROG}: error: {one_line(error)}", file=sys.stderr, flush=True)
-        return 1
+        return _report_error(args, one_line(error))
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr, flush=True)
         return 130
     except Exception as error:  # noqa: BLE001 - a command line reports, it does not dump tracebacks
-        if args.debug:
-            traceback.print_exc()
-        print(f"{PROG}: error: unexpected {type(error).__name__}: {one_line(error)} (rerun with --debug for details)",
-              file=sys.stderr, flush=True)
-        return 1
+        return _report_error(args, internal_error_line(error, REPORT_ADVICE, f"running '{PROG} {args.command}'"))
+
+
+def _report_error(args: argparse.Namespace, line: str) -> int:
+    """The one error line (after the traceback, with --debug); exit status 1."""
+    if args.debug:
+        traceback.print_exc()
+    print(f"{PROG}: error: {line}", file=sys.stderr, flush=True)
+    return 1
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ coronal and sagittal PNGs with Slicer's slice-view code when ``slicer-core`` is 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ class DemoOutput:
     pictures: tuple[Path, ...]
     seconds: float
     device: str
-    share_in_roi: float | None  # share of the map's total inside the ROI (None without an ROI)
+    share_in_roi: float | None  # share of the heatmap's total inside the region (None without a region)
     layer: str
     focus_ras: tuple[float, float, float]  # where the pictures' slices cross
 
@@ -52,7 +51,7 @@ def central_block(volume: Volume, size: int) -> Volume:
 
 
 def share_inside(heat: np.ndarray, roi: np.ndarray | None) -> float | None:
-    """Share of a map's total that lies inside the ROI (1 = all of it); None without ROI or map."""
+    """Share of a heatmap's total that lies inside the region (1 = all of it); None without either."""
     total = float(heat.sum())
     if roi is None or total <= 0.0:
         return None
@@ -71,6 +70,29 @@ def _demo_files(data_dir: Path, quick: bool) -> list[tuple[str, str, Path]]:
     if not models:
         raise InputError(f"no demo model (demo_unet3d.pt, demo_unet2d.pt) found in {data_dir}; reinstall SegHiResCAM")
     return models[:1] if quick else models
+
+
+def _write_inputs(data: Path, out_dir: Path, size: int | None):
+    """The T1 and the white-matter region (cropped to the central block), written into ``out_dir``:
+    ``(image, roi, image_path, roi_path)``; the region is None when the data has none."""
+    from .io.images import read_image, read_mask, write_image
+
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"cannot create the output folder {out_dir}: {error.strerror or error}") from error
+    image = read_image(data / T1_FILE)
+    roi = read_mask(data / WHITE_MATTER_FILE, image, label=1) if (data / WHITE_MATTER_FILE).is_file() else None
+    if size is not None:
+        whole = image
+        image = central_block(whole, size)
+        if roi is not None:
+            roi = central_block(Volume(roi, whole.ijk_to_ras), size).array
+    image_path = write_image(image, out_dir / "mni152_t1.nrrd")
+    roi_path = None
+    if roi is not None:
+        roi_path = write_image(Volume(roi.astype(np.uint8), image.ijk_to_ras), out_dir / "white_matter_roi.nrrd")
+    return image, roi, image_path, roi_path
 
 
 def run_demo(
@@ -93,7 +115,7 @@ def run_demo(
         size: explain only the central block of ``size`` voxels per axis (fast runs, tests).
         quick: the first model only.
         device: "auto", "cpu" or "cuda".
-        methods: CAM methods to compare.
+        methods: heatmap methods to compare.
         layer: the layer explained in every model; None = each model card's default.
         progress: ``progress(fraction, message)`` over the whole demo.
         warn: receives messages for the user (skipped pictures, engine warnings).
@@ -101,60 +123,44 @@ def run_demo(
     Raises:
         InputError: demo files missing, or the output folder cannot be made.
     """
-    from .io.images import read_image, read_mask, write_image
     from .overlays import peak_ras, render_overlays, rendering_unavailable
-    from .pipeline import explain_volume
-    from .worker.main import load_model_for
+    from .service import run_request
+    from .settings import ExplainSettings
+    from .worker.protocol import ExplainRequest
 
     data = Path(data_dir) if data_dir is not None else DATA_DIR
     models = _demo_files(data, quick)
     warn = warn or (lambda message: None)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise InputError(f"cannot create the output folder {out_dir}: {error.strerror or error}") from error
-
-    image = read_image(data / T1_FILE)
-    roi = read_mask(data / WHITE_MATTER_FILE, image, label=1) if (data / WHITE_MATTER_FILE).is_file() else None
-    if size is not None:
-        whole = image
-        image = central_block(whole, size)
-        if roi is not None:
-            roi = central_block(Volume(roi, whole.ijk_to_ras), size).array
-    write_image(image, out_dir / "mni152_t1.nrrd")
-    if roi is not None:
-        write_image(Volume(roi.astype(np.uint8), image.ijk_to_ras), out_dir / "white_matter_roi.nrrd")
-
+    image, roi, image_path, roi_path = _write_inputs(data, out_dir, size)
     no_pictures = rendering_unavailable()
     if no_pictures:
         warn(f"PNG pictures skipped: {no_pictures}")
+    settings = ExplainSettings(target_class=WHITE_MATTER, layers=(layer,) if layer else (), methods=tuple(methods),
+                               device=device)
     outputs: list[DemoOutput] = []
     for index, (name, label, weights) in enumerate(models):
-        loaded = load_model_for(weights)
 
         def model_progress(fraction: float, message: str, index: int = index, label: str = label) -> None:
             if progress is not None:
                 progress((index + fraction) / len(models), f"{label}: {message}")
 
-        started = time.perf_counter()
-        maps, explanation = explain_volume(
-            loaded, image, target_class=WHITE_MATTER, roi=roi, methods=tuple(methods), layer=layer,
-            device=device, progress=model_progress,
+        # The files just written, through the service every door runs (the worker, the command line).
+        request = ExplainRequest(
+            images=(str(image_path),), model=str(weights), settings=settings,
+            outputs=tuple(str(out_dir / f"{name}_{method}.nrrd") for method in settings.methods),
+            roi=None if roi_path is None else str(roi_path), roi_label=None if roi_path is None else 1,
         )
-        seconds = time.perf_counter() - started
-        for message in explanation.warnings:
-            warn(f"{label}: {message}")
-        # Every picture of a model cuts through the hottest voxel of its first map, so the methods
+        result = run_request(request, progress=model_progress,
+                             warn=lambda message, label=label: warn(f"{label}: {message}"))
+        # Every picture of a model cuts through the hottest voxel of its first heatmap, so the methods
         # are compared on the same slices, where the headline method finds the evidence.
-        focus = peak_ras(next(iter(maps.values())))
-        for method, heat in maps.items():
-            stem = out_dir / f"{name}_{method}"
-            heat_path = write_image(heat, stem.with_suffix(".nrrd"))
+        focus = peak_ras(next(iter(result.maps.values())))
+        for method, heat in result.maps.items():
             pictures: list[Path] = []
             if not no_pictures:
-                pictures, _ = render_overlays(image, heat, stem, point_ras=focus)
-            outputs.append(DemoOutput(name, method, heat_path, tuple(pictures), seconds, explanation.device,
-                                      share_inside(heat.array, roi), layer or loaded.card.default_layer,
+                pictures, _ = render_overlays(image, heat, out_dir / f"{name}_{method}", point_ras=focus)
+            outputs.append(DemoOutput(name, method, result.outputs[method], tuple(pictures), result.seconds,
+                                      result.device, share_inside(heat.array, roi), result.settings.layers[0],
                                       tuple(float(v) for v in focus)))
     return _report(out_dir, image, roi, models, outputs, no_pictures)
 
@@ -163,7 +169,7 @@ def _report(out_dir, image, roi, models, outputs: list[DemoOutput], no_pictures:
     shape = "x".join(map(str, image.spatial_shape[::-1]))
     lines = [
         f"SegHiResCAM demo: white matter (class {WHITE_MATTER}) on the MNI152 T1, {shape} voxels (I x J x K), "
-        f"ROI {'the bundled white-matter segment' if roi is not None else 'each model’s own prediction'}",
+        f"region {'the bundled white-matter segment' if roi is not None else 'each model’s own prediction'}",
         f"written to {out_dir.resolve()}:",
         f"  {'mni152_t1.nrrd':<40}the image",
     ]
@@ -179,19 +185,19 @@ def _report(out_dir, image, roi, models, outputs: list[DemoOutput], no_pictures:
         mine = [o.method for o in outputs if o.model == name]
         where = ", ".join(f"{axis} {value:+.0f}" for axis, value in zip("RAS", focus))
         lines.append(f"{name}: layer {layer}, {len(mine)} methods in {seconds:.1f} s on {device}; "
-                     f"its pictures cut through ({where}) mm, the hottest voxel of its {mine[0]} map")
+                     f"its pictures cut through ({where}) mm, the hottest voxel of its {mine[0]} heatmap")
     if no_pictures:
         lines.append(f"no PNG pictures: {no_pictures}")
     lines.append("What to look at:")
     shares = [o for o in outputs if o.share_in_roi is not None]
     if shares:
-        lines.append("  - How much of each map lies inside the white matter it explains (1.00 = all of it):")
+        lines.append("  - How much of each heatmap lies inside the white matter it explains (1.00 = all of it):")
         for output in shares:
             lines.append(f"      {output.model:<14}{output.method:<20}{output.share_in_roi:.2f}")
     lines += [
         "  - Seg-HiRes-Grad CAM multiplies gradient and activation voxel by voxel, so it shows where inside",
         "    and around the white matter the evidence for the white-matter logits is. Seg-Grad CAM gives",
-        "    each channel one weight, so its map follows whole feature channels and can light up grey matter,",
+        "    each channel one weight, so its heatmap follows whole feature channels and can light up grey matter,",
         "    ventricles or background that the segment does not depend on. Compare the PNG pairs side by side.",
         "  - In Slicer: load mni152_t1.nrrd, then a heatmap as the foreground volume (colour table Inferno,",
         "    opacity 0.5), or open the PNGs.",

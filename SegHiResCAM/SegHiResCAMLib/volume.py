@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .errors import InputError
+
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
@@ -28,7 +30,7 @@ class Volume:
     def __post_init__(self) -> None:
         matrix = np.asarray(self.ijk_to_ras, dtype=float)
         if matrix.shape != (4, 4):
-            raise ValueError(f"ijk_to_ras must be a 4x4 matrix, got shape {matrix.shape}")
+            raise InputError(f"ijk_to_ras must be a 4x4 matrix, got shape {matrix.shape}")
         object.__setattr__(self, "ijk_to_ras", matrix)
 
     @property

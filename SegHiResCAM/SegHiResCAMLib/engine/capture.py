@@ -1,11 +1,12 @@
-"""Capture a layer's output during one forward pass, with the graph recorded only downstream.
+"""Every hook the engine puts on a model: capture layers' outputs, and gate a layer's channels.
 
 The forward pass runs with autograd off until the first captured layer produces its
 output; the hook turns that output into a fresh leaf (``detach().requires_grad_()``)
 and switches autograd on for the rest of the pass. The encoder in front of the layer
 then stores nothing for backward, and ``torch.autograd.grad(y, activation)`` walks
-only the part of the network between the layer and the output. Hooks are always
-removed, also on error.
+only the part of the network between the layer and the output. :func:`channel_gate`
+multiplies a layer's output by per-sample channel masks (the ablations of
+Kernel-Weighted Contribution). Hooks are always removed, also on error.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError, LayerError, ModelError
+from .torch_errors import is_inplace_modification
 
 
 def layer_names(model: nn.Module) -> list[str]:
@@ -108,7 +110,7 @@ def forward_with_activations(
             try:
                 output = model(inputs)
             except RuntimeError as error:
-                if "leaf Variable" in str(error) or "in-place" in str(error):
+                if is_inplace_modification(error):
                     raise LayerError(
                         f"the output of layer(s) {', '.join(layers)} is changed in place further on; "
                         "choose the module after the in-place operation"
@@ -189,3 +191,37 @@ def segmentation_output(output, batch: torch.Tensor, class_index: int,
             f"{'es' if classes > 1 else ''} (0 to {classes - 1})"
         )
     return output
+
+
+class ChannelGate:
+    """While active: multiplies one layer's output by per-sample channel masks (``masks`` of shape
+    ``(B, K)``, None = unchanged) and records its channel count K."""
+
+    def __init__(self, layer: str) -> None:
+        self.layer = layer
+        self.masks: torch.Tensor | None = None
+        self.channels = 0
+
+    def hook(self, module: nn.Module, inputs, output):
+        if not isinstance(output, torch.Tensor) or output.ndim < 3:
+            raise LayerError(f"layer '{self.layer}' does not return a (N, channels, *spatial) tensor; "
+                             "choose a convolution or block output")
+        self.channels = output.shape[1]
+        if self.masks is None:
+            return None
+        return output * self.masks.view(*self.masks.shape, *(1,) * (output.ndim - 2)).to(output.dtype)
+
+
+@contextmanager
+def channel_gates(model: nn.Module, layers: Sequence[str]) -> Iterator[dict[str, ChannelGate]]:
+    """One :class:`ChannelGate` per layer, hooked for the duration of the ``with`` block."""
+    modules = dict(model.named_modules())
+    gates = {name: ChannelGate(name) for name in layers}
+    handles = []
+    try:
+        for name, gate in gates.items():
+            handles.append(modules[name].register_forward_hook(gate.hook))
+        yield gates
+    finally:
+        for handle in handles:
+            handle.remove()

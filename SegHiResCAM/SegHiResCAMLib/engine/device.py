@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from .torch_errors import is_out_of_memory
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -75,10 +76,6 @@ def prepared_model(model: nn.Module, device: torch.device) -> Iterator[nn.Module
                 if module._buffers[name] is not tensor:  # moved away and back: put the user's own tensor back
                     module._buffers[name] = tensor
                 tensor.copy_(saved)
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
 def memory_budget(device: torch.device) -> int:

@@ -1,32 +1,23 @@
 """Models as users hold them: an ``nn.Module``, a TorchScript module, or a ``LoadedModel``.
 
-Every engine entry point starts with :func:`held_model`, so ``explain(torch.jit.load(path), ...)``
-and ``explain(load_model(path), ...)`` work like ``explain(module, ...)``.
+Every engine door that runs a model starts with :func:`held_model` (``engine.job.explain_samples``,
+so ``explain``, ``explain_detailed``, ``explain_with_settings`` and Kernel-Weighted Contribution;
+``masking_scores``; ``list_layers``), so ``explain(torch.jit.load(path), ...)`` and
+``explain(load_model(path), ...)`` work like ``explain(module, ...)``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..errors import InputError, ModelError
+from ..settings import ExplainSettings
 from .device import training_mode_warning
-
-
-@dataclass(frozen=True)
-class ModelChoices:
-    """What the engine needs to know about running a model, after the card filled what the user left out."""
-
-    layer: str | Sequence[str] | None
-    spatial_dims: int | None
-    slice_axis: int
-    multilabel: bool
-    probabilities: bool
-    output_key: int | str | None
 
 
 @dataclass(frozen=True)
@@ -38,29 +29,28 @@ class HeldModel:
     card: Any = None
     notes: tuple[str, ...] = ()
 
-    def choices(self, *, layer: str | Sequence[str] | None = None, spatial_dims: int | None = None, slice_axis: int | None = None,
-                multilabel: bool | None = None, probabilities: bool | None = None,
-                output_key: int | str | None = None, image_dims: int | None = None,
-                layer_required: bool = True) -> ModelChoices:
-        """The user's choices, with None filled from the model card, then from the engine's defaults.
+    def settings(self, settings: ExplainSettings) -> ExplainSettings:
+        """``settings`` with what they leave to the model (None, no layers, a class name) taken from the
+        model card (``ModelCard.settings_for``); a bare module's settings stay as they are, and the
+        engine reads None as slice axis 0, single-label logits, and the output at full resolution.
 
-        ``image_dims`` (the image's spatial rank) keeps a card's ``spatial_dims`` of 3 from applying
-        to a 2D image, where only the 2D application exists.
+        Raises:
+            InputError: the class is a name and no card says which index it is (or the card names
+                no such class).
         """
-        card = self.card
-        if card is not None:
-            layer = layer if layer is not None else card.default_layer
-            if spatial_dims is None and (image_dims is None or card.spatial_dims <= image_dims):
-                spatial_dims = card.spatial_dims
-            slice_axis = card.slice_axis if slice_axis is None else slice_axis
-            multilabel = card.multilabel if multilabel is None else multilabel
-            probabilities = card.outputs == "probabilities" if probabilities is None else probabilities
-            output_key = card.output_key if output_key is None else output_key
-        if layer_required and (layer is None or (not isinstance(layer, str) and len(layer) == 0)):
-            raise InputError("no layer was given; pick at least one layer to explain (list them with list_layers, "
-                             "or name a default in the model card's \"layers\")")
-        return ModelChoices(layer, spatial_dims, 0 if slice_axis is None else int(slice_axis), bool(multilabel),
-                            bool(probabilities), output_key)
+        settings = settings if self.card is None else self.card.settings_for(settings)
+        if not isinstance(settings.target_class, int):
+            raise InputError(f"the class {settings.target_class!r} is a name; the engine takes a class index, and "
+                             "class names are looked up in the model card (a model from load_model, "
+                             "pipeline.explain_volume, the command line)")
+        return settings
+
+    def spatial_dims(self, spatial_dims: int | None, image) -> int | None:
+        """The given spatial dims, else the card's: a 2D model card applies to 2D images and, slice by
+        slice, to volumes; a 3D one only to volumes (a 2D image has no 3D application)."""
+        if spatial_dims is not None or self.card is None:
+            return spatial_dims
+        return self.card.spatial_dims if self.card.spatial_dims <= np.ndim(image) - 1 else None
 
 
 def held_model(model) -> HeldModel:

@@ -1,15 +1,25 @@
-"""CAM methods: each combines a layer's activations A and the target's gradient G.
+"""Heatmap methods: each turns a layer's activations A (and the target's gradient G) into a map.
 
-All functions take ``activation`` and ``gradient`` of shape ``(B, K, *spatial)`` and
-return the map before ReLU, shape ``(B, *spatial)``; 2D and 3D alike. Notation as in
-DESIGN.md: G_k(u) = dy/dA_k(u), y = sum_p m(p) z_c(p).
+The gradient methods are pure functions: they take ``activation`` and ``gradient`` of shape
+``(B, K, *spatial)`` and return the map before ReLU, shape ``(B, *spatial)``; 2D and 3D alike.
+Notation as in DESIGN.md: G_k(u) = dy/dA_k(u), y = sum_p m(p) z_c(p).
+
+:class:`HeatmapMethod` is the one interface the engine's batch loop (``engine.job``) runs: a
+gradient method wraps its function (:class:`GradientMethod`); a method that needs passes of its
+own over the whole input first, like Kernel-Weighted Contribution's ablations
+(``engine.kernel_weighted``), does them in :meth:`HeatmapMethod.prepare`. Like pytorch-grad-cam's
+``BaseCAM`` subclasses, the loop does not know which kind it runs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
+from torch import nn
+
+from ..progress import ProgressCallback
 
 Method = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -75,3 +85,68 @@ METHODS: dict[str, Method] = {
     "seg-xgrad-cam": seg_xgrad_cam,
     "seg-layer-cam": seg_layer_cam,
 }
+
+
+@dataclass(frozen=True)
+class Preparation:
+    """What a method's :meth:`HeatmapMethod.prepare` may run on (the model is already prepared:
+    in its owner's inference mode, on ``device``).
+
+    Attributes:
+        model: the network.
+        samples: ``(S, C, *model_spatial)`` model inputs, on the CPU (moved per chunk).
+        roi: ``(S, *model_spatial)`` region per sample, or None for the model's prediction.
+        todo: indices of the samples with something to explain (a non-empty given region).
+        device: where the model runs.
+        layers: the layers explained.
+        class_index, multilabel, probabilities: the target's class and how outputs are read.
+        output_key: which of several outputs is the segmentation (``engine.capture.select_output``).
+        progress: this stage's share of the bar (None: report nothing).
+    """
+
+    model: nn.Module
+    samples: torch.Tensor
+    roi: torch.Tensor | None
+    todo: torch.Tensor
+    device: torch.device
+    layers: Sequence[str]
+    class_index: int
+    multilabel: bool
+    probabilities: bool
+    output_key: int | str | None
+    progress: ProgressCallback | None
+
+
+class HeatmapMethod:
+    """One heatmap method as the engine's batch loop runs it.
+
+    Attributes:
+        name: the catalog name (``catalog.METHOD_CHOICES``).
+        uses_gradient: the map needs G = dy/dA (all such methods share one backward pass).
+        preparation_weight: cost of :meth:`prepare` relative to the gradient pass's 1, for the
+            progress bar; 0 = no preparation.
+    """
+
+    name: str = ""
+    uses_gradient: bool = True
+    preparation_weight: float = 0.0
+
+    def check(self, model: nn.Module) -> None:
+        """Refuse, before any work, a model this method cannot run on (raise a SegHiResCAMError)."""
+
+    def prepare(self, run: Preparation) -> None:
+        """Passes of its own over the input before the maps are drawn (e.g. ablations)."""
+
+    def layer_map(self, layer: str, activation: torch.Tensor, gradient: torch.Tensor | None) -> torch.Tensor:
+        """The map before ReLU, ``(B, *spatial)``, from the layer's ``(B, K, *spatial)`` activations."""
+        raise NotImplementedError
+
+
+class GradientMethod(HeatmapMethod):
+    """A method that is a function of (A, G), one of :data:`METHODS`."""
+
+    def __init__(self, name: str, function: Method) -> None:
+        self.name, self.function = name, function
+
+    def layer_map(self, layer: str, activation: torch.Tensor, gradient: torch.Tensor | None) -> torch.Tensor:
+        return self.function(activation, gradient)

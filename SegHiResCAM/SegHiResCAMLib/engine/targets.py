@@ -72,3 +72,19 @@ def roi_on_output_grid(roi: torch.Tensor, spatial: tuple[int, ...]) -> torch.Ten
         return roi
     resized = F.interpolate(roi[:, None].float(), size=spatial, mode="nearest")[:, 0]
     return resized if roi.dtype.is_floating_point else resized > 0.5
+
+
+def roi_prediction(output: torch.Tensor, class_index: int, roi: torch.Tensor | None,
+                   multilabel: bool = False, probabilities: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(P, m)`` in float64: ``P = m * s_c`` (the class probability inside the region) with ``m`` the
+    region on the output grid, or the model's prediction when ``roi`` is None.
+
+    The quantity behind Kernel-Weighted Contribution's ablations and the masking scores.
+    """
+    if roi is None:
+        roi = predicted_roi(output, class_index, multilabel, probabilities)
+    else:
+        roi = roi_on_output_grid(roi, tuple(output.shape[2:]))
+    weights = roi.to(torch.float64)
+    scores = class_probabilities(output, multilabel, probabilities)[:, class_index].to(torch.float64)
+    return scores * weights, weights

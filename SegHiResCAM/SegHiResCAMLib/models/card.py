@@ -6,12 +6,15 @@ heatmap comes back in the volume's own grid.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelError
+from ..errors import InputError, ModelError
+from ..settings import ExplainSettings
 
 INTENSITY_SCHEMES = ("none", "zscore", "ct-window", "minmax", "percentile", "clip-zscore", "per-channel")
 
@@ -126,6 +129,24 @@ class ModelCard:
     def default_layer(self) -> str | None:
         return self.layers[0] if self.layers else None
 
+    def settings_for(self, settings: ExplainSettings) -> ExplainSettings:
+        """``settings`` with what they leave to the model taken from this card: the layers (none
+        given: the default layer, if any), the class index (a class name looked up), and the slice
+        axis, multilabel, probabilities and output_key where they are None.
+
+        Raises:
+            InputError: an unknown class name, or an index outside the card's classes.
+        """
+        return dataclasses.replace(
+            settings,
+            layers=settings.layers or ((self.default_layer,) if self.default_layer else ()),
+            target_class=resolve_class(settings.target_class, self.class_names),
+            slice_axis=self.slice_axis if settings.slice_axis is None else settings.slice_axis,
+            multilabel=self.multilabel if settings.multilabel is None else settings.multilabel,
+            probabilities=(self.outputs == "probabilities") if settings.probabilities is None else settings.probabilities,
+            output_key=self.output_key if settings.output_key is None else settings.output_key,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["class_names"] = list(self.class_names)
@@ -154,6 +175,29 @@ class ModelCard:
         except (OSError, json.JSONDecodeError) as error:
             raise ModelError(f"cannot read the model card {path}: {error}") from error
         return cls.from_dict(data)
+
+
+def resolve_class(target_class: int | str, class_names: Sequence[str]) -> int:
+    """The class index for an index or a class name, checked against the model card.
+
+    Raises:
+        InputError: unknown name, or an index outside the model's classes.
+    """
+    names = list(class_names)
+    if isinstance(target_class, str) and not target_class.strip().lstrip("-").isdigit():
+        lowered = {name.lower(): index for index, name in enumerate(names)}
+        if target_class.lower() in lowered:
+            return lowered[target_class.lower()]
+        listed = ", ".join(f"{i} = {n}" for i, n in enumerate(names)) or "the model card names none"
+        raise InputError(f"the model has no class named {target_class!r}; classes: {listed}")
+    try:
+        index = int(target_class)
+    except (TypeError, ValueError) as error:
+        raise InputError(f"the class must be an index or a class name, got {target_class!r}") from error
+    if index < 0 or (names and index >= len(names)):
+        listed = ", ".join(f"{i} = {n}" for i, n in enumerate(names))
+        raise InputError(f"class {index} does not exist; the model has {len(names)} classes: {listed}")
+    return index
 
 
 def find_card(path: Path) -> Path | None:

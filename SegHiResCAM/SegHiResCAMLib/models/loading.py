@@ -30,6 +30,8 @@ from torch import nn
 
 from ..errors import ModelError
 from .card import ModelCard, find_card
+from .trust import code_to_trust  # noqa: F401  (the trust question, torch-free; public here before)
+from .weights import fit_weights, load_state_dict
 
 
 @dataclass(frozen=True)
@@ -79,25 +81,6 @@ def _with_card_beside(card: ModelCard, source: Path) -> ModelCard:
     return ModelCard.from_dict({**card.to_dict(), **data})
 
 
-def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Load tensors only; refuse files that would need arbitrary unpickling, and files that are no weights."""
-    from .model_file import load_weights, model_file_kind
-
-    if not path.is_file():
-        raise ModelError(f"the model file {path} does not exist")
-    if model_file_kind(path) == "torchscript":
-        raise ModelError(f"{path.name} is a TorchScript file, not a state dict; choose it as the model itself")
-    state = load_weights(path, "Save the weights with torch.save(model.state_dict(), path), or export the network "
-                               "with torch.jit.script/trace, and try again.")
-    for key in ("state_dict", "model", "network_weights"):  # Lightning, MONAI checkpoints, nnU-Net
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelError(f"{path.name} is not a state dict (a mapping of names to tensors)")
-    return state
-
-
 def build_network(card: ModelCard, source: Path) -> nn.Module:
     if not card.network or "name" not in card.network:
         raise ModelError(f"the model card for {source.name} has no 'network' entry saying how to build the network")
@@ -113,14 +96,6 @@ def build_network(card: ModelCard, source: Path) -> nn.Module:
 
 def _load_weights(module: nn.Module, weights: Path) -> None:
     fit_weights(module, load_state_dict(weights), f"the weights in {weights.name}", "the network described for them")
-
-
-def fit_weights(module: nn.Module, state: dict[str, torch.Tensor], weights: str, network: str) -> None:
-    """Load ``state`` into ``module``, or say which weights do not fit which network."""
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as error:
-        raise ModelError(f"{weights} do not fit {network}: {str(error).splitlines()[0]}") from error
 
 
 def _card_for_spec(spec: dict[str, Any], source: Path) -> ModelCard:
@@ -178,22 +153,6 @@ def _load_python(source: Path, trust_code: bool) -> LoadedModel:
     _load_weights(module, weights_beside(source))
     card = _with_card_beside(ModelCard(name=source.stem), source)
     return LoadedModel(module=module.eval(), card=card, source=source, kind="python")
-
-
-def code_to_trust(path: str | Path) -> str | None:
-    """Why loading ``path`` would run code that comes with the model, or None if it would not.
-
-    For the panel and the command line, to ask before ``load_model(path, trust_code=True)``.
-    """
-    from . import monai_models, python_builder
-
-    source = Path(path)
-    if source.suffix == ".py" and source.is_file():
-        return python_builder.untrusted_message(source)
-    if source.is_dir() and monai_models.is_bundle(source):
-        config = monai_models.read_config(monai_models.config_path(source))
-        return monai_models.code_in_network_def(config)
-    return None
 
 
 def load_model(path: str | Path, *, trust_code: bool = False) -> LoadedModel:

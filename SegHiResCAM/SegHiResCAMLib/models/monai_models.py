@@ -1,8 +1,8 @@
 """MONAI networks: a bundle folder, or a network given as a JSON spec beside a state dict.
 
-A bundle's ``configs/inference.json`` (or ``.yaml``) describes the network in ``network_def``;
-its values may be plain literals, ``@name`` references to other entries, or ``$expression``
-strings, which are Python code. Plain definitions are built here without running any code;
+A bundle's ``configs/inference.json`` (or ``.yaml``, read by ``models.monai_config``) describes the
+network in ``network_def``; its values may be plain literals, ``@name`` references to other entries,
+or ``$expression`` strings, which are Python code. Plain definitions are built here without running any code;
 a definition with expressions needs ``trust_code=True`` and is then built by MONAI's own
 config parser. Weights come from ``models/model.pt`` (tensors only) or, failing that, the
 TorchScript ``models/model.ts``.
@@ -20,19 +20,8 @@ from torch import nn
 
 from ..errors import ModelError, UnsafeModelError
 from .card import ModelCard
+from .monai_config import config_path, is_bundle, is_monai_target, read_config, resolve_references  # noqa: F401
 from .optional import require
-
-_CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
-
-
-def config_path(folder: Path) -> Path | None:
-    """The bundle's ``configs/inference.json`` (or ``.yaml``), None if absent."""
-    return next((folder / "configs" / name for name in _CONFIG_NAMES if (folder / "configs" / name).is_file()), None)
-
-
-def is_bundle(folder: Path) -> bool:
-    return folder.is_dir() and config_path(folder) is not None
-
 
 def network_class(name: str) -> type[nn.Module]:
     """The class ``monai.networks.nets.<name>`` (``name`` may carry a ``monai.`` path or ``monai:`` prefix)."""
@@ -53,45 +42,6 @@ def build_network(name: str, args: dict[str, Any]) -> nn.Module:
         raise ModelError(f"cannot build MONAI {cls.__name__} with arguments {args}: {error}") from error
 
 
-def read_config(path: Path) -> dict[str, Any]:
-    """The bundle config as plain data (JSON, or YAML with safe loading)."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ModelError(f"cannot read {path}: {error}") from error
-    yaml = require("yaml", "monai")
-    data = yaml.safe_load(text)
-    if not isinstance(data, dict):
-        raise ModelError(f"{path} must hold a mapping of config entries")
-    return data
-
-
-def _resolve(value: Any, config: dict[str, Any], seen: tuple[str, ...] = ()) -> Any:
-    """Replace ``@name`` references by their (plain) values; refuse ``$`` expressions."""
-    if isinstance(value, str) and value.startswith("$"):
-        raise UnsafeModelError(
-            f"the bundle's network definition contains the Python expression {value!r}; running it means "
-            "trusting the bundle's code. If you trust it, allow code (command line: --trust-code; the panel "
-            "asks), or replace the expression by its value in configs/inference.json."
-        )
-    if isinstance(value, str) and value.startswith("@"):
-        key = value[1:]
-        if key in seen or key not in config:
-            raise ModelError(f"the bundle's network definition refers to {value!r}, which is {'circular' if key in seen else 'not defined'}")
-        return _resolve(config[key], config, seen + (key,))
-    if isinstance(value, dict):
-        return {k: _resolve(v, config, seen) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_resolve(v, config, seen) for v in value]
-    return value
-
-
-def _is_monai_target(target: Any) -> bool:
-    return isinstance(target, str) and ("." not in target or target.startswith("monai.networks.nets."))
-
-
 def _parse_with_monai(config: dict[str, Any], bundle: Path) -> nn.Module:
     """Build ``network_def`` with MONAI's own parser, which runs the bundle's code (trusted only)."""
     import sys
@@ -104,21 +54,6 @@ def _parse_with_monai(config: dict[str, Any], bundle: Path) -> nn.Module:
         sys.path.remove(str(bundle))
 
 
-def code_in_network_def(config: dict[str, Any]) -> str | None:
-    """Why building the bundle's network would run the bundle's code, or None."""
-    try:
-        definition = _resolve(config.get("network_def", {}), config)
-    except UnsafeModelError as error:
-        return str(error)
-    except ModelError:
-        return None  # not code; loading reports the broken reference
-    target = definition.get("_target_") if isinstance(definition, dict) else None
-    if target is not None and not _is_monai_target(target):
-        return (f"the bundle's network is {target!r}, code that comes with the bundle rather than a MONAI network; "
-                "running it means trusting the bundle.")
-    return None
-
-
 def build_bundle_network(config: dict[str, Any], *, trust_code: bool, bundle: Path) -> nn.Module:
     """The bundle's ``network_def``, built without running code unless ``trust_code``.
 
@@ -129,14 +64,14 @@ def build_bundle_network(config: dict[str, Any], *, trust_code: bool, bundle: Pa
     if "network_def" not in config:
         raise ModelError(f"{bundle.name}: configs/inference has no 'network_def' entry describing the network")
     try:
-        definition = _resolve(config["network_def"], config)
+        definition = resolve_references(config["network_def"], config)
     except UnsafeModelError:
         if not trust_code:
             raise
         return _parse_with_monai(config, bundle)
     if not isinstance(definition, dict) or "_target_" not in definition:
         raise ModelError(f"{bundle.name}: 'network_def' must be a mapping with a '_target_' class name")
-    if not _is_monai_target(definition["_target_"]):
+    if not is_monai_target(definition["_target_"]):
         if not trust_code:
             raise UnsafeModelError(
                 f"the bundle's network is {definition['_target_']!r}, code that comes with the bundle rather than a "

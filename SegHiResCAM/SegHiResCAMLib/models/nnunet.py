@@ -25,6 +25,7 @@ from torch import nn
 from ..errors import ModelError, UnsafeModelError
 from .card import ModelCard
 from .optional import require
+from .weights import fit_weights
 
 # Only classes from these packages may be named in plans (plans are data, not code).
 _ALLOWED_PREFIXES = ("dynamic_network_architectures.", "torch.nn.")
@@ -256,8 +257,6 @@ def load_results_folder(path: Path) -> tuple[nn.Module, ModelCard]:
     channels = len(dataset.get("channel_names", dataset.get("modality", {"0": "image"})))
     class_names, _ = _labels(dataset)
     network = build_network(plans, config, channels, len(class_names))
-    from .loading import fit_weights  # loading imports this module lazily too
-
     fit_weights(network, load_checkpoint(checkpoint), f"the weights in {checkpoint}",
                 f"the network the plans describe ({configuration})")
     network.eval()

@@ -13,16 +13,9 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import ModelError, UnsafeModelError
+from .trust import untrusted_message
 
 WEIGHT_SUFFIXES = (".pth", ".pt")
-
-
-def untrusted_message(path: Path) -> str:
-    return (
-        f"{path.name} is Python code: loading it runs that code with your permissions. Only continue if you "
-        "trust where it came from. Command line: add --trust-code; Python: load_model(path, trust_code=True); "
-        "the Slicer panel asks before running it."
-    )
 
 
 def weights_beside(path: Path) -> Path:

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..errors import ModelError
+
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 _UPCONV = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 _NORM = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -66,9 +68,9 @@ class UNet(nn.Module):
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+            raise ModelError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         if len(channels) < 2:
-            raise ValueError(f"channels needs at least two levels, got {list(channels)}")
+            raise ModelError(f"channels needs at least two levels, got {list(channels)}")
         self.spatial_dims = spatial_dims
         levels = list(channels)
         inputs = [in_channels] + levels[:-2]

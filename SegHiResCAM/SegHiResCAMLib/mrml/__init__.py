@@ -1,4 +1,5 @@
-"""MRML glue: volume and segmentation nodes <-> numpy, heatmap display, offscreen slice rendering.
+"""MRML glue, node adapters only: volume and segmentation nodes <-> numpy, heatmap display,
+offscreen slice rendering. (What drives a worker from the scene lives in ``SegHiResCAMLib.jobs``.)
 
 Uses only MRML classes that the slicer-core wheel also has (no qt, no ``slicer.app``, no
 ``slicer.mrmlScene``), so the same code runs in Slicer and in pytest. Every function takes
@@ -23,10 +24,13 @@ _LAZY = {
     "ijk_to_ras_of_node": "volumes",
     "write_volume_node": "volumes",
     "read_volume_node": "volumes",
+    "read_volume_array": "volumes",
+    "write_mask_like": "volumes",
     "segment_mask": "segments",
     "segment_names": "segments",
     "find_segment_id": "segments",
     "show_heatmap": "heatmap_display",
+    "heatmap_node_name": "heatmap_display",
     "set_heatmap_opacity": "heatmap_display",
     "set_lower_threshold": "heatmap_display",
     "set_show_in_3d": "heatmap_display",

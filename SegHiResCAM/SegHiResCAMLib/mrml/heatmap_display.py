@@ -15,7 +15,8 @@ from __future__ import annotations
 import numpy as np
 import slicer
 
-from ..errors import InputError
+from ..catalog import method as method_choice
+from ..errors import DisplayError, InputError
 from ..volume import Volume
 from .scene import node_ids, remove_nodes_added_since
 from .volumes import array_from_node, ijk_to_ras_of_node, update_node_from_volume, volume_from_node
@@ -67,7 +68,7 @@ def show_heatmap(
             slice views' background. It is not modified.
         output_node: a heatmap node from an earlier run (or an empty node carrying
             :data:`HEATMAP_ATTRIBUTE`) to update in place, keeping its name; None creates one.
-        name: the name of a new node; default "<reference name> heatmap". An output node
+        name: the name of a new node; default :func:`heatmap_node_name`. An output node
             given is never renamed.
         opacity: foreground opacity in the slice views (0..1).
         lower_threshold: values below it are transparent (0..1).
@@ -98,7 +99,7 @@ def show_heatmap(
         node = output_node
         if node is None:
             node = slicer.vtkMRMLScalarVolumeNode()
-            node.SetName(name or f"{reference_volume_node.GetName()} heatmap")
+            node.SetName(name or heatmap_node_name(reference_volume_node.GetName()))
             # Marked before it enters the scene, so that selectors filtering on it list it at once.
             node.SetAttribute(HEATMAP_ATTRIBUTE, "1")
             scene.AddNode(node)
@@ -123,6 +124,14 @@ def show_heatmap(
         remove_nodes_added_since(scene, ids_before)
         raise
     return node
+
+
+def heatmap_node_name(reference_name: str, method: str | None = None) -> str:
+    """The one default name of a new heatmap node: "<image> heatmap", or, when a run makes one
+    heatmap per method, "<image> <method label> heatmap"."""
+    if method is None:
+        return f"{reference_name} heatmap"
+    return f"{reference_name} {method_choice(method).label} heatmap"
 
 
 def set_heatmap_opacity(scene: slicer.vtkMRMLScene, node: slicer.vtkMRMLScalarVolumeNode, opacity: float) -> None:
@@ -329,7 +338,7 @@ def _enable_volume_rendering(scene, node, logic=None) -> None:
         else:
             created = _create_volume_rendering_nodes(scene, node)
         if created is None or created.GetVolumePropertyNode() is None:
-            raise RuntimeError(f"Slicer could not create volume rendering for '{node.GetName()}'")
+            raise DisplayError(f"Slicer could not create volume rendering for '{node.GetName()}'")
         rendering_nodes = [created]
     for rendering in rendering_nodes:
         # Our transfer functions, not a copy of the slice display's step threshold.

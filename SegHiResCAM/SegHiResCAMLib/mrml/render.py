@@ -18,7 +18,7 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from ..errors import InputError
+from ..errors import DisplayError, InputError, MissingFileError, StorageError
 from .scene import ensure_orientation_presets, node_ids, remove_nodes_added_since
 from .volumes import matrix_to_numpy
 
@@ -58,7 +58,7 @@ def render_slice_png(
 
     Raises:
         InputError: a node or option cannot be used as given.
-        OSError: the PNG could not be written.
+        StorageError: the PNG could not be written (an OSError).
     """
     rgb = render_slice_rgb(scene, background_node, foreground_node, orientation, offset_ras, size, opacity)
     return write_png(rgb, path)
@@ -118,7 +118,7 @@ def write_png(rgb: np.ndarray, path: str | os.PathLike) -> str:
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as error:
-        raise OSError(f"could not create the folder '{folder}' for the picture '{path}': {error}") from error
+        raise StorageError(f"could not create the folder '{folder}' for the picture '{path}': {error}") from error
     height, width = rgb.shape[:2]
     image = vtk.vtkImageData()
     image.SetDimensions(width, height, 1)
@@ -130,7 +130,7 @@ def write_png(rgb: np.ndarray, path: str | os.PathLike) -> str:
     writer.SetInputData(image)
     writer.Write()
     if writer.GetErrorCode() != 0 or not os.path.isfile(path):
-        raise OSError(f"could not write the picture '{path}'; check that the folder exists and is writable")
+        raise StorageError(f"could not write the picture '{path}'; check that the folder exists and is writable")
     return path
 
 
@@ -138,7 +138,7 @@ def read_png(path: str | os.PathLike) -> np.ndarray:
     """Read a PNG file with VTK as ``(height, width, channels)`` uint8, row 0 at the top."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"the picture '{path}' does not exist")
+        raise MissingFileError(f"the picture '{path}' does not exist")
     reader = vtk.vtkPNGReader()
     reader.SetFileName(path)
     reader.Update()
@@ -198,7 +198,7 @@ def _move_slice(logic, slice_node, offset_ras) -> None:
 def _blend_as_rgb(logic, width: int, height: int) -> np.ndarray:
     connection = logic.GetImageDataConnection()
     if connection is None:
-        raise RuntimeError("the slice logic produced no picture; is the background volume empty?")
+        raise DisplayError("the slice logic produced no picture; is the background volume empty?")
     producer = connection.GetProducer()
     producer.Update()
     image = producer.GetOutputDataObject(connection.GetIndex())
@@ -206,6 +206,6 @@ def _blend_as_rgb(logic, width: int, height: int) -> np.ndarray:
     channels = image.GetNumberOfScalarComponents()
     pixels = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(rows, columns, channels)
     if (columns, rows) != (width, height):
-        raise RuntimeError(f"the slice logic produced a {columns}x{rows} picture instead of {width}x{height}")
+        raise DisplayError(f"the slice logic produced a {columns}x{rows} picture instead of {width}x{height}")
     return np.ascontiguousarray(pixels[::-1, :, :3]).astype(np.uint8)
 

@@ -15,7 +15,7 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from ..errors import InputError
+from ..errors import InputError, MissingFileError, StorageError
 from ..volume import Volume
 
 VOLUME_FILE_EXTENSIONS = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
@@ -148,7 +148,7 @@ def write_volume_node(node: slicer.vtkMRMLVolumeNode, path: str | os.PathLike, c
 
     Raises:
         InputError: the node holds no image or the extension is not a volume format.
-        OSError: the file could not be written.
+        StorageError: the file could not be written (an OSError).
     """
     path = _check_volume_path(path)
     array_from_node(node)  # same clear error for an empty node
@@ -156,7 +156,7 @@ def write_volume_node(node: slicer.vtkMRMLVolumeNode, path: str | os.PathLike, c
     storage.SetFileName(path)
     storage.SetUseCompression(1 if compress else 0)
     if not storage.WriteData(node):
-        raise OSError(f"could not write the volume '{node.GetName()}' to '{path}': {_storage_errors(storage)}")
+        raise StorageError(f"could not write the volume '{node.GetName()}' to '{path}': {_storage_errors(storage)}")
     return path
 
 
@@ -178,13 +178,13 @@ def read_volume_node(
         The new node. On failure nothing is left in the scene.
 
     Raises:
-        FileNotFoundError: the file does not exist.
+        MissingFileError: the file does not exist (a FileNotFoundError).
         InputError: the extension is not a volume format.
-        OSError: the file could not be read.
+        StorageError: the file could not be read (an OSError).
     """
     path = _check_volume_path(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"the volume file '{path}' does not exist")
+        raise MissingFileError(f"the volume file '{path}' does not exist")
     if name is None:
         base = os.path.basename(path)
         name = base[: -len(".nii.gz")] if base.lower().endswith(".nii.gz") else os.path.splitext(base)[0]
@@ -197,7 +197,7 @@ def read_volume_node(
     try:
         node.SetAndObserveStorageNodeID(storage.GetID())
         if not storage.ReadData(node):
-            raise OSError(f"could not read the volume file '{path}': {_storage_errors(storage)}")
+            raise StorageError(f"could not read the volume file '{path}': {_storage_errors(storage)}")
         node.CreateDefaultDisplayNodes()
     except BaseException:
         for display_index in reversed(range(node.GetNumberOfDisplayNodes())):
@@ -214,3 +214,23 @@ def _storage_errors(storage: slicer.vtkMRMLStorageNode) -> str:
     messages = storage.GetUserMessages() if hasattr(storage, "GetUserMessages") else None
     text = messages.GetAllMessagesAsString() if messages is not None else ""
     return text.strip() or "no details given; check that the folder exists and is writable"
+
+
+def write_mask_like(mask: np.ndarray, reference_volume_node: slicer.vtkMRMLVolumeNode,
+                    path: str | os.PathLike) -> str:
+    """Write a boolean ``(K, J, I)`` mask as a uint8 label file (1 inside) with the reference's geometry.
+
+    The label node lives outside any scene, so writing it leaves the user's scene untouched.
+    """
+    node = slicer.vtkMRMLLabelMapVolumeNode()
+    update_node_from_volume(node, Volume(np.asarray(mask).astype(np.uint8), ijk_to_ras_of_node(reference_volume_node)))
+    return write_volume_node(node, path)
+
+
+def read_volume_array(path: str | os.PathLike) -> np.ndarray:
+    """The voxels (KJI order) of a volume file, read through a private scene, not the user's."""
+    scratch = slicer.vtkMRMLScene()
+    try:
+        return array_from_node(read_volume_node(scratch, path))
+    finally:
+        scratch.Clear(1)

@@ -16,7 +16,7 @@ outside its temp folder, so that the folder can be removed while anything still 
 Typical use::
 
     with WorkerProcess() as worker:
-        request = Request(image=str(worker.path("image.nrrd")), ...)
+        request = ExplainRequest(images=(str(worker.path("image.nrrd")),), ...)
         worker.start(request)
         for event in worker.wait():
             ...
@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from ..errors import InputError, JobStateError
 from .protocol import Request, parse_event
 
 logger = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class WorkerProcess:
     def path(self, name: str) -> Path:
         """A file name inside this run's temp folder."""
         if self.closed:
-            raise RuntimeError("this worker run is closed; its temp folder is gone")
+            raise JobStateError("this worker run is closed; its temp folder is gone")
         return self.temp_dir / name
 
     # -- running -----------------------------------------------------------------------
@@ -120,13 +120,13 @@ class WorkerProcess:
         """Write ``request.json`` into the temp folder and start the worker on it.
 
         Args:
-            request: a :class:`Request`, or a plain mapping written as given (the worker
+            request: an ``ExplainRequest`` or ``LayersRequest``, or a plain mapping written as given (the worker
                 then checks it: a malformed one ends with one error event and exit status 2).
         """
         if self._process is not None:
-            raise RuntimeError("this worker run was already started; make a new WorkerProcess")
+            raise JobStateError("this worker run was already started; make a new WorkerProcess")
         request_path = self.path("request.json")
-        text = request.to_json() if isinstance(request, Request) else json.dumps(dict(request))
+        text = json.dumps(dict(request)) if isinstance(request, Mapping) else request.to_json()
         request_path.write_text(text, encoding="utf-8")
         command = [self.python_executable, "-m", WORKER_MODULE, str(request_path)]
         try:
@@ -229,7 +229,7 @@ class WorkerProcess:
     def wait(self, timeout: float | None = None) -> list[dict[str, Any]]:
         """Block until the worker ends (or ``timeout`` seconds pass); return the events not yet polled."""
         if self._process is None:
-            raise RuntimeError("the worker was not started")
+            raise JobStateError("the worker was not started")
         deadline = None if timeout is None else time.monotonic() + timeout
         events: list[dict[str, Any]] = []
         while not self._stdout_done:

@@ -1,142 +1,37 @@
 """The worker: ``python -m SegHiResCAMLib.worker request.json`` (runs in Slicer's ``PythonSlicer``).
 
-It reads the request (see :mod:`.protocol`), the image and ROI files, loads the model,
-explains the volume, writes the heatmap file and reports on stdout in JSON lines: progress
-events, warnings, then one result, or ONE error event with a one-line message (exit 1).
-An unusable request exits 2. The command line runs the same :func:`execute`, so the
-Slicer module and ``seghirescam explain`` cannot drift apart.
+It reads the request (see :mod:`.protocol`), runs it through the application service
+(:func:`SegHiResCAMLib.service.run_request`, the same code the command line and the demo run), and
+reports on stdout in JSON lines: progress events, warnings, then one result, or ONE error event
+with a one-line message (exit 1). An unusable request exits 2.
 
 No slicer, qt or vtk import here: the worker must run with any plain Python that has torch.
 """
 
 from __future__ import annotations
 
-import logging
 import sys
-import time
 import traceback
-import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..errors import InputError, SegHiResCAMError
-from ..volume import Volume
-from .protocol import Request, emit
-
-logger = logging.getLogger(__name__)
-
-EventSink = Callable[..., None]  # sink(event_name, **fields)
+from ..errors import InputError, InternalError, SegHiResCAMError, internal_error_line, one_line
+from .protocol import Request, RequestError, emit, request_from_json
 
 EXIT_OK, EXIT_ERROR, EXIT_BAD_REQUEST = 0, 1, 2
 
-
-@dataclass(frozen=True)
-class RunResult:
-    """What :func:`execute` produced, for callers that go on (the command line draws a PNG)."""
-
-    image: Volume
-    maps: dict[str, Volume]
-    output: Path
-    device: str
-    seconds: float
-    roi_voxels: int
+#: How a user reports an internal error of the worker (its traceback went to stderr).
+REPORT_ADVICE = ("please report it with the worker's log (Slicer: the Python console and the application log; "
+                 "elsewhere: the worker's stderr)")
 
 
-def one_line(error: BaseException | str) -> str:
-    """A message on one line (events and terminal errors are one line by contract)."""
-    text = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
-    return text or type(error).__name__
-
-
-def load_model_for(path: str | Path, *, trust_code: bool = False):
-    """``load_model``, imported only when needed (it imports torch)."""
-    from ..models.loading import load_model
-
-    return load_model(path, trust_code=trust_code)
-
-
-def _warning_relay(sink: EventSink) -> Callable[[str], None]:
-    """A function sending each distinct warning message once (the engine may both warn and report)."""
-    sent: set[str] = set()
-
-    def relay(message: str) -> None:
-        text = one_line(message)
-        if text not in sent:
-            sent.add(text)
-            sink("warning", message=text)
-
-    return relay
-
-
-def execute(request: Request, sink: EventSink) -> RunResult:
-    """Run one request: read inputs, explain, write ``request.output``; report through ``sink``.
-
-    ``sink(name, **fields)`` receives "progress" (fraction, message), "warning" (message) and
-    finally "result" (output, device, seconds, roi_voxels, method, layer, target_class).
-    Warnings raised with :func:`warnings.warn` during the run are relayed as warning events.
-
-    Raises:
-        SegHiResCAMError: any problem a user can fix (its message is one sentence).
-    """
-    from ..io.images import check_output_path, read_image, read_mask, write_image
-    from ..pipeline import explain_volume
-
-    started = time.perf_counter()
-    relay = _warning_relay(sink)
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")  # the relay sends each distinct message once
-        warnings.showwarning = lambda message, *args, **kwargs: relay(str(message))
-
-        def progress(fraction: float, message: str) -> None:
-            sink("progress", fraction=round(float(fraction), 4), message=message)
-
-        progress(0.0, f"reading {Path(request.image).name}")
-        image = read_image(request.image)
-        roi = None
-        if request.roi:
-            roi = read_mask(request.roi, image, label=request.roi_label)
-        output = check_output_path(request.output)  # fail before the slow part, not after it
-        progress(0.0, f"loading the model {Path(request.model).name}")
-        loaded = load_model_for(request.model, trust_code=request.trust_code)
-        maps, explanation = explain_volume(
-            loaded,
-            image,
-            target_class=request.target_class,
-            roi=roi,
-            layer=request.layer,
-            methods=(request.method,),
-            target=request.target,
-            threshold=request.threshold,
-            device=request.device,
-            slice_axis=request.slice_axis,
-            progress=progress,
-        )
-        for message in explanation.warnings:
-            relay(message)
-        write_image(maps[request.method], output)
-    seconds = time.perf_counter() - started
-    layer = request.layer if request.layer is not None else loaded.card.default_layer
-    sink(
-        "result",
-        output=str(output),
-        device=explanation.device,
-        seconds=round(seconds, 3),
-        roi_voxels=int(explanation.roi_voxels),
-        method=request.method,
-        layer=layer,
-        target_class=request.target_class,
-    )
-    return RunResult(image, maps, output, explanation.device, seconds, int(explanation.roi_voxels))
-
-
-def _read_request(path: str) -> Request:
+def read_request(path: str) -> Request:
+    """The request in a JSON file (a RequestError when it cannot be read or understood)."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as error:
-        raise InputError(f"cannot read the worker request {path}: {error.strerror or error}") from error
-    return Request.from_json(text)
+        raise RequestError(f"cannot read the worker request {path}: {error.strerror or error}") from error
+    return request_from_json(text)
 
 
 def main(argv: list[str] | None = None, stdout: TextIO | None = None) -> int:
@@ -151,21 +46,35 @@ def main(argv: list[str] | None = None, stdout: TextIO | None = None) -> int:
         sink("error", message="usage: python -m SegHiResCAMLib.worker REQUEST.json")
         return EXIT_BAD_REQUEST
     try:
-        request = _read_request(args[0])
-    except InputError as error:
+        request = read_request(args[0])
+    except RequestError as error:
         sink("error", message=one_line(error))
         return EXIT_BAD_REQUEST
+    except InputError as error:  # a well-formed request with a value the settings refuse
+        sink("error", message=one_line(error), type=type(error).__name__)
+        return EXIT_ERROR
     # Anything a library prints must not corrupt the event stream: send it to stderr.
     saved_stdout = sys.stdout
     sys.stdout = sys.stderr
     try:
-        execute(request, sink)
+        from ..service import run_request
+
+        result = run_request(
+            request,
+            progress=lambda fraction, message: sink("progress", fraction=round(float(fraction), 4), message=message),
+            warn=lambda message: sink("warning", message=message),
+        )
+        sink("result", **result.event())
+    except InternalError as error:
+        traceback.print_exc(file=sys.stderr)
+        sink("error", message=internal_error_line(error, REPORT_ADVICE), type=type(error).__name__)
+        return EXIT_ERROR
     except SegHiResCAMError as error:
         sink("error", message=one_line(error), type=type(error).__name__)
         return EXIT_ERROR
-    except Exception as error:  # noqa: BLE001 - the one place that turns any failure into an event
+    except Exception as error:  # noqa: BLE001 - the one place that turns any other failure into an event
         traceback.print_exc(file=sys.stderr)
-        sink("error", message=f"unexpected {type(error).__name__}: {one_line(error)}")
+        sink("error", message=internal_error_line(error, REPORT_ADVICE, "running the worker"), type="InternalError")
         return EXIT_ERROR
     finally:
         sys.stdout = saved_stdout
