@@ -2,7 +2,8 @@
 
 The settings object carries ``output_key`` to the batch loop and to Kernel-Weighted Contribution's
 ablations; a ``LoadedModel``'s card fills what the settings leave open (layers, class name,
-output_key); the evaluation scores the card's output and runs models in their owner's mode; why a
+output_key); sliding windows and the memory estimate take output_key too and run models in their
+owner's mode; the evaluation scores the card's output and runs models in their owner's mode; why a
 layer cannot be explained reaches the command line and the worker's listing, which the panel reads.
 """
 
@@ -13,11 +14,15 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
 from SegHiResCAMLib.cli import main
 from SegHiResCAMLib.engine.explain import explain_with_settings
+from SegHiResCAMLib.engine.memory import step_peak_bytes
+from SegHiResCAMLib.engine.sliding_window import explain_windows, predict
+from SegHiResCAMLib.errors import ModelError
 from SegHiResCAMLib.evaluation.masking import masking_scores_on_volume
 from SegHiResCAMLib.evaluation.randomisation import execution_stages
 from SegHiResCAMLib.evaluation.scoring import RegionScorer
@@ -26,9 +31,10 @@ from SegHiResCAMLib.models.loading import LoadedModel
 from SegHiResCAMLib.service import run_request
 from SegHiResCAMLib.settings import ExplainSettings
 from SegHiResCAMLib.volume import Volume
+from SegHiResCAMLib.windows import SlidingWindow
 from SegHiResCAMLib.worker.protocol import LayersRequest
 
-from owner_nets import OnlySeg, SharedActivationNet, TwoOutputs, blob
+from owner_nets import OnlySeg, SharedActivationNet, TwoOutputs, blob, hd_bet_like
 
 METHODS = ("seg-hires-grad-cam", "kernel-weighted-contribution")
 
@@ -97,3 +103,40 @@ def test_why_a_layer_cannot_be_explained_reaches_the_command_line_and_the_panels
     event = json.loads(json.dumps(run_request(LayersRequest(model=str(path), trust_code=False, size=8)).event()))
     rows = {row["name"]: row for row in event["layers"]}
     assert rows["blocks.2.act"]["unusable"] == why and rows["blocks.2.conv"]["unusable"] is None
+
+
+def test_sliding_windows_and_the_memory_estimate_take_the_output_key():
+    model = _two_outputs()
+    image = blob((24, 24), seed=11)
+    roi = np.zeros((24, 24), bool)
+    roi[6:18, 5:15] = True
+    window = SlidingWindow((16, 16))
+    kwargs = dict(layers=["features"], class_index=1, roi=roi, window=window, device="cpu")
+    with pytest.raises(ModelError, match="name it with output_key"):
+        explain_windows(model, image, **kwargs)
+    expected = explain_windows(OnlySeg(model), image, **kwargs)
+    assert expected.heatmap.max() == 1.0
+    for given, key in ((model, "seg"), (_loaded(model, output_key="seg"), None)):  # the argument, or the card's
+        got = explain_windows(given, image, output_key=key, **kwargs)
+        np.testing.assert_array_equal(got.heatmap, expected.heatmap)
+        np.testing.assert_array_equal(predict(given, image, sliding_window=window, device="cpu", output_key=key),
+                                      predict(OnlySeg(model), image, sliding_window=window, device="cpu"))
+    probe = torch.from_numpy(image)[None]
+    with pytest.raises(ModelError, match="name it with output_key"):
+        step_peak_bytes(model, probe, ["features"])
+    assert step_peak_bytes(model, probe, ["features"], output_key="seg") > 0
+
+
+def test_sliding_windows_run_a_model_wholly_in_training_mode_in_eval_mode_and_say_so():
+    model = hd_bet_like(seed=6).train()
+    image = blob((8, 8, 8), seed=12, dtype=np.float64)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    kwargs = dict(layers=["end_conv"], class_index=1, window=SlidingWindow((8, 8, 8)), device="cpu")
+    result = explain_windows(model, image, **kwargs)
+    assert result.warnings[0].startswith("the model was in training mode, so it ran in evaluation mode")
+    np.testing.assert_array_equal(result.heatmap, explain_windows(model.eval(), image, **kwargs).heatmap)
+    model.train()
+    with pytest.warns(RuntimeWarning, match="was in training mode"):
+        predict(model, image, device="cpu")
+    assert all(module.training for module in model.modules())
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())

@@ -29,6 +29,8 @@ _LAZY = {
     "LoadedModel": "models.loading",
     "ModelCard": "models.card",
     "Volume": "volume",
+    "SlidingWindow": "windows",
+    "predict": "engine.sliding_window",
     "show": "evaluation.viewer",
 }
 

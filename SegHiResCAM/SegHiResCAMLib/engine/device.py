@@ -105,7 +105,8 @@ def _available_ram() -> int:
 
 def forward_bytes(model: nn.Module, probe: torch.Tensor) -> int:
     """Bytes of every leaf module's output in one no-grad forward pass of ``probe``."""
-    if hasattr(model, "forward_capturing"):  # hooks do not fire on TorchScript: capture every leaf's output instead
+    if any(isinstance(module, torch.jit.ScriptModule) for module in model.modules()):
+        # Hooks do not fire inside TorchScript: its adapter captures every leaf's output instead.
         problems = model.layer_problems() if hasattr(model, "layer_problems") else {}
         names = [name for name, _ in model.layer_names()]
         leaves = [name for name in names if name not in problems and not any(n.startswith(name + ".") for n in names)]

@@ -2,7 +2,7 @@
 
 Every engine door that runs a model starts with :func:`held_model` (``engine.job.explain_samples``,
 so ``explain``, ``explain_detailed``, ``explain_with_settings`` and Kernel-Weighted Contribution;
-``masking_scores``; ``list_layers``), so ``explain(torch.jit.load(path), ...)`` and
+``masking_scores``; ``list_layers``; ``engine.sliding_window``'s ``predict`` and ``explain_windows``), so ``explain(torch.jit.load(path), ...)`` and
 ``explain(load_model(path), ...)`` work like ``explain(module, ...)``.
 """
 
@@ -44,6 +44,11 @@ class HeldModel:
                              "class names are looked up in the model card (a model from load_model, "
                              "pipeline.explain_volume, the command line)")
         return settings
+
+    def output_key(self, given: int | str | None) -> int | str | None:
+        """``given``, else the model card's ``output_key`` (None: the one output at full resolution);
+        for doors that take the key alone (``engine.sliding_window``)."""
+        return given if given is not None or self.card is None else self.card.output_key
 
     def spatial_dims(self, spatial_dims: int | None, image) -> int | None:
         """The given spatial dims, else the card's: a 2D model card applies to 2D images and, slice by

@@ -76,7 +76,8 @@ class KernelWeightedContribution(HeatmapMethod):
     def check(self, model: nn.Module) -> None:
         if hasattr(model, "forward_capturing"):
             raise LayerError("Kernel-Weighted Contribution zeroes channels with forward hooks, which this model "
-                             "(TorchScript) does not accept; use a Python model or another method")
+                             "(TorchScript, or an nnU-Net ensemble of folds) does not accept; use a Python model (for "
+                             "nnU-Net, one fold's fold_N folder) or another method")
 
     def prepare(self, run: Preparation) -> None:
         self.found = {}

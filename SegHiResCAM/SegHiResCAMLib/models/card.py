@@ -58,6 +58,14 @@ class ModelCard:
         output_key: for a network whose forward returns a tuple, list or dict (deep supervision,
             UNet++), the entry that is the segmentation (an index, -1 = the last, or a key); None = the
             one entry at the input's full resolution (several such entries are refused).
+        patch_size: the input size the model was trained on and runs by sliding windows, one entry
+            per axis of the model's input grid (nnU-Net plans' ``patch_size``, a MONAI bundle's
+            inferer ``roi_size``); None = the model runs on the whole volume.
+        resampling: how ``prepare_input`` resamples, when not linear: {"scheme": "nnunet",
+            "image": {"order": 3, "order_z": 0, "force_separate_z": None}, "map": {"order": 1,
+            "order_z": 0, "force_separate_z": None}, "anisotropy_threshold": 3.0} follows
+            nnU-Net's plans (spline of the given order; for anisotropic spacing the thick axis
+            separately); None = linear.
         network: how to build the network: {"name": ..., "args": {...}} (see models.loading).
         extra: anything else a loader needs (kept verbatim).
     """
@@ -78,6 +86,8 @@ class ModelCard:
     crop_nonzero: bool = False
     train_mode_modules: tuple[str, ...] = ()
     output_key: int | str | None = None
+    patch_size: tuple[int, ...] | None = None
+    resampling: dict[str, Any] | None = None
     network: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -109,6 +119,16 @@ class ModelCard:
             if sorted(self.transpose) != [0, 1, 2]:
                 raise ModelError(f"model card: transpose must be a permutation of 0, 1, 2, got {list(self.transpose)}")
             object.__setattr__(self, "transpose", tuple(int(a) for a in self.transpose))
+        if self.patch_size is not None:
+            patch = tuple(self.patch_size)
+            if len(patch) != self.spatial_dims or not all(isinstance(v, int) and v > 0 for v in patch):
+                raise ModelError(
+                    f"model card: patch_size needs {self.spatial_dims} positive whole numbers (one per axis of the "
+                    f"model's input), got {list(patch)}"
+                )
+            object.__setattr__(self, "patch_size", patch)
+        if self.resampling is not None and self.resampling.get("scheme") != "nnunet":
+            raise ModelError(f"model card: resampling scheme {self.resampling.get('scheme')!r} is unknown; use 'nnunet'")
         if int(self.divisible_by) < 1:
             raise ModelError(f"model card: divisible_by must be a positive number, got {self.divisible_by!r}")
         if self.orientation is not None:
@@ -152,7 +172,7 @@ class ModelCard:
         data["class_names"] = list(self.class_names)
         data["layers"] = list(self.layers)
         data["train_mode_modules"] = list(self.train_mode_modules)
-        for key in ("spacing", "transpose"):
+        for key in ("spacing", "transpose", "patch_size"):
             if isinstance(data[key], tuple):
                 data[key] = list(data[key])
         return data

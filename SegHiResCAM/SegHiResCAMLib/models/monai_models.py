@@ -131,6 +131,7 @@ def bundle_card(bundle: Path, config: dict[str, Any]) -> ModelCard:
     elif _find_transform(preprocessing, "NormalizeIntensityd", "NormalizeIntensity"):
         intensity = {"scheme": "zscore", "nonzero_only": bool(_find_transform(preprocessing, "NormalizeIntensityd",
                                                                                "NormalizeIntensity").get("nonzero"))}
+    patch_size, extra = _inferer_window(config, spatial_dims)
     return ModelCard(
         name=str(metadata.get("name", bundle.name)),
         spatial_dims=spatial_dims,
@@ -141,5 +142,22 @@ def bundle_card(bundle: Path, config: dict[str, Any]) -> ModelCard:
         intensity=intensity,
         divisible_by=divisible_by,
         transpose=(2, 1, 0),  # MONAI arrays are (I, J, K)
-        extra={"bundle": str(bundle)},
+        patch_size=patch_size,
+        extra={"bundle": str(bundle), **extra},
     )
+
+
+def _inferer_window(config: dict[str, Any], spatial_dims: int) -> tuple[tuple[int, ...] | None, dict[str, Any]]:
+    """The patch size, step and weighting of the bundle's SlidingWindowInferer (literal values only)."""
+    inferer = config.get("inferer")
+    if not (isinstance(inferer, dict) and str(inferer.get("_target_", "")).endswith("SlidingWindowInferer")):
+        return None, {}
+    roi = inferer.get("roi_size")
+    if not (isinstance(roi, list) and len(roi) == spatial_dims and all(isinstance(v, int) and v > 0 for v in roi)):
+        return None, {}
+    overlap = inferer.get("overlap", 0.25)  # MONAI's defaults
+    mode = inferer.get("mode", "constant")
+    options: dict[str, Any] = {"gaussian": mode == "gaussian"}
+    if isinstance(overlap, (int, float)) and 0 <= overlap < 1:
+        options["step"] = 1.0 - float(overlap)
+    return tuple(roi), {"sliding_window": options}

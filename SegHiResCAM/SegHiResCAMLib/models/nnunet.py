@@ -6,8 +6,11 @@ and nnU-Net's preprocessing is written into the model card: axis order (``transp
 crop to the non-zero region, per-channel normalisation, spacing; ``prepare_input`` applies
 it and maps the heatmap back onto the original grid. TotalSegmentator's models are of this kind.
 
-Differences from nnU-Net's own inference, on purpose: the whole (padded) volume runs in one
-pass instead of overlapping patches, and resampling is linear instead of third-order spline.
+As nnU-Net's predictor: every trained fold (their mean, ``fold_ensemble.FoldEnsemble``), the
+plans' resampling (``nnunet_resampling``: spline orders, the thick axis on its own), the
+normalisation mask (hole-filled non-zero voxels of all channels) and the patch size for sliding
+windows (``card.patch_size``; the engine's ``sliding_window`` runs nnU-Net's tiling). Test-time
+mirroring is a choice of the sliding window, off unless asked.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import importlib
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +57,15 @@ def _checkpoint_in(fold: Path) -> Path | None:
     return None
 
 
-def _pick_checkpoint(folder: Path) -> Path:
-    folds = sorted(p for p in folder.iterdir() if p.is_dir() and re.fullmatch(r"fold_(\d+|all)", p.name))
-    for fold in folds:
-        found = _checkpoint_in(fold)
-        if found is not None:
-            return found
+def _trained_folds(folder: Path) -> list[Path]:
+    """Every fold's checkpoint, as nnU-Net's predictor finds them (fold_0, fold_1, ...; else fold_all)."""
+    folds = sorted((p for p in folder.iterdir() if p.is_dir() and re.fullmatch(r"fold_\d+", p.name)),
+                   key=lambda p: int(p.name.split("_")[1]))
+    found = [c for c in (_checkpoint_in(f) for f in folds) if c is not None]
+    if not found and (folder / "fold_all").is_dir():
+        found = [c for c in [_checkpoint_in(folder / "fold_all")] if c is not None]
+    if found:
+        return found
     raise ModelError(
         f"the nnU-Net folder {folder.name} has no fold_N/checkpoint_final.pth; point at a folder that holds "
         "trained folds (e.g. .../nnUNetTrainer__nnUNetPlans__3d_fullres)"
@@ -195,7 +202,20 @@ def _intensity(plans: dict[str, Any], config: dict[str, Any], channels: int) -> 
             per_channel.append({"scheme": "ct-window", "window": [0, 255]})
         else:
             per_channel.append({"scheme": "none"})
-    return {"scheme": "per-channel", "channels": per_channel}
+    # nnU-Net z-scores "use_mask_for_norm" channels over one mask: the hole-filled non-zero region of
+    # all channels (its crop_to_nonzero), not each channel's own non-zero voxels
+    return {"scheme": "per-channel", "channels": per_channel, "mask": "nonzero-filled"}
+
+
+def _resampling(config: dict[str, Any]) -> dict[str, Any]:
+    """nnU-Net's resampling of the image (to the plans' spacing) and of the logits (back), from the plans."""
+    def recipe(key: str, order: int) -> dict[str, Any]:
+        kwargs = config.get(key) or {}
+        return {"order": int(kwargs.get("order", order)), "order_z": int(kwargs.get("order_z", 0)),
+                "force_separate_z": kwargs.get("force_separate_z")}
+
+    return {"scheme": "nnunet", "image": recipe("resampling_fn_data_kwargs", 3),
+            "map": recipe("resampling_fn_probabilities_kwargs", 1), "anisotropy_threshold": 3.0}
 
 
 def card_for(folder: Path, plans: dict[str, Any], dataset: dict[str, Any], configuration: str,
@@ -228,6 +248,8 @@ def card_for(folder: Path, plans: dict[str, Any], dataset: dict[str, Any], confi
         divisible_by=int(np.max(per_axis)),
         transpose=transpose,  # type: ignore[arg-type]
         crop_nonzero=True,
+        patch_size=tuple(int(v) for v in config["patch_size"]) if "patch_size" in config else None,
+        resampling=_resampling(config),
         extra={"nnunet": {"configuration": configuration, "region_based": regions}},
     )
 
@@ -244,9 +266,13 @@ def _configuration_name(folder: Path, plans: dict[str, Any]) -> str:
 
 
 def load_results_folder(path: Path) -> tuple[nn.Module, ModelCard]:
-    """Network (eval mode, CPU) and card from an nnU-Net v2 results folder, fold folder or checkpoint."""
+    """Network (eval mode, CPU) and card from an nnU-Net v2 results folder, fold folder or checkpoint.
+
+    A results folder gives the ensemble of every trained fold (``FoldEnsemble``: the mean of their
+    logits, as nnU-Net's predictor); a fold folder or a checkpoint gives that fold alone.
+    """
     folder, checkpoint = find_results_folder(path)
-    checkpoint = checkpoint or _pick_checkpoint(folder)
+    checkpoints = [checkpoint] if checkpoint is not None else _trained_folds(folder)
     try:
         plans = json.loads((folder / "plans.json").read_text(encoding="utf-8"))
         dataset = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
@@ -256,8 +282,17 @@ def load_results_folder(path: Path) -> tuple[nn.Module, ModelCard]:
     config = _configuration(plans, configuration)
     channels = len(dataset.get("channel_names", dataset.get("modality", {"0": "image"})))
     class_names, _ = _labels(dataset)
-    network = build_network(plans, config, channels, len(class_names))
-    fit_weights(network, load_checkpoint(checkpoint), f"the weights in {checkpoint}",
-                f"the network the plans describe ({configuration})")
-    network.eval()
-    return network, card_for(folder, plans, dataset, configuration, network)
+    networks = []
+    for checkpoint in checkpoints:
+        network = build_network(plans, config, channels, len(class_names))
+        fit_weights(network, load_checkpoint(checkpoint), f"the weights in {checkpoint}",
+                    f"the network the plans describe ({configuration})")
+        networks.append(network.eval())
+    card = card_for(folder, plans, dataset, configuration, networks[0])
+    fold_names = [c.parent.name for c in checkpoints]
+    card = replace(card, extra={**card.extra, "nnunet": {**card.extra["nnunet"], "folds": fold_names}})
+    if len(networks) == 1:
+        return networks[0], card
+    from .fold_ensemble import FoldEnsemble
+
+    return FoldEnsemble(networks, fold_names).eval(), card

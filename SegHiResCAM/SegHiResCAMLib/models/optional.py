@@ -8,7 +8,7 @@ from types import ModuleType
 from ..errors import MissingDependencyError
 
 # extra name -> what it adds; the message shows the pip command
-EXTRAS = {"monai": "MONAI networks and bundles", "nnunet": "nnU-Net v2 networks (dynamic_network_architectures)"}
+EXTRAS = {"monai": "MONAI networks and bundles", "nnunet": "nnU-Net v2 networks and resampling (dynamic_network_architectures, scipy)"}
 
 
 def require(module: str, extra: str) -> ModuleType:

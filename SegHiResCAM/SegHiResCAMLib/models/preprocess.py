@@ -11,9 +11,13 @@ Contract used by the pipeline (worker, command line, Slicer logic):
 The steps, in order (each one axis-aligned, so each has an exact inverse):
 1. reorient (``card.orientation``): axis swaps and flips only, no interpolation;
 2. crop to the non-zero bounding box (``card.crop_nonzero``, nnU-Net);
-3. intensity normalisation (``card.intensity``), on the cropped image as nnU-Net does;
+3. intensity normalisation (``card.intensity``), on the cropped image as nnU-Net does (with
+   ``"mask": "nonzero-filled"``, ``nonzero_only`` channels use nnU-Net's mask: the non-zero voxels
+   of any channel with their holes filled);
 4. resample to ``card.spacing``: linear, voxel centres aligned (as ``F.interpolate`` with
-   ``align_corners=False`` and nnU-Net's resize), new size ``round(size * old / new spacing)``;
+   ``align_corners=False``), new size ``round(old / new spacing * size)``; cards with
+   ``resampling={"scheme": "nnunet", ...}`` resample as nnU-Net does (``models.nnunet_resampling``:
+   the plans' spline order for the image and for the map back, the thick axis on its own);
 5. transpose the axes (``card.transpose``);
 6. zero-pad the end of each axis to a multiple of ``card.divisible_by``.
 ``heatmap_to_volume`` undoes 6, 5, 4, 2, 1: outside the crop the map is 0.
@@ -21,7 +25,7 @@ The steps, in order (each one axis-aligned, so each has an exact inverse):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -47,12 +51,12 @@ class PreparedInput:
 # ----------------------------------------------------------------------------- intensity
 
 
-def _normalize_channel(channel: np.ndarray, intensity: dict) -> None:
-    """Normalise one float32 channel in place."""
+def _normalize_channel(channel: np.ndarray, intensity: dict, mask: np.ndarray | None = None) -> None:
+    """Normalise one float32 channel in place (``mask``: the voxels a non-zero-only z-score uses)."""
     scheme = intensity.get("scheme", "none")
     if scheme == "zscore":
         if intensity.get("nonzero_only"):
-            inside = channel != 0
+            inside = channel != 0 if mask is None else mask
             values = channel[inside]
             if values.size:
                 channel[inside] = (values - values.mean()) / max(float(values.std()), 1e-8)
@@ -93,12 +97,21 @@ def normalize_intensity(image: np.ndarray, intensity: dict) -> np.ndarray:
             raise ModelError(
                 f"the model card gives {len(schemes)} per-channel intensity schemes for {out.shape[0]} channel(s)"
             )
+        mask = nonzero_mask(out) if intensity.get("mask") == "nonzero-filled" else None
         for channel, scheme in zip(out, schemes):
-            _normalize_channel(channel, scheme)
+            _normalize_channel(channel, scheme, mask)
     else:
         for channel in out:
             _normalize_channel(channel, intensity)
     return out
+
+
+def nonzero_mask(image: np.ndarray) -> np.ndarray:
+    """nnU-Net's mask for normalisation: voxels non-zero in any channel, holes filled (3D)."""
+    from .optional import require
+
+    ndimage = require("scipy.ndimage", "nnunet")
+    return ndimage.binary_fill_holes(np.any(image != 0, axis=0))
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -152,6 +165,9 @@ class _Plan:
     resampled: tuple[int, int, int]
     transpose: tuple[int, int, int]
     padded: tuple[int, int, int]
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)  # of the cropped (oriented) array axes
+    target_spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)  # of the resampled array axes
+    resampling: dict | None = None  # the card's; None = linear
 
     def forward(self, array: np.ndarray, pad_value: float = 0.0) -> np.ndarray:
         """``(C, K, J, I)`` volume array -> ``(C, *model)`` model array. Intensity is applied by the caller."""
@@ -164,8 +180,8 @@ class _Plan:
             out = np.flip(out, axis=flip)
         return np.ascontiguousarray(out[(slice(None), *self.crop)])
 
-    def to_model(self, cropped: np.ndarray, pad_value: float = 0.0) -> np.ndarray:
-        out = _resample(cropped.astype(np.float32, copy=False), self.resampled)
+    def to_model(self, cropped: np.ndarray, pad_value: float = 0.0, *, linear: bool = False) -> np.ndarray:
+        out = self._resampled(cropped.astype(np.float32, copy=False), self.resampled, "image", linear)
         out = out.transpose(0, *(a + 1 for a in self.transpose))
         pad = [(0, 0)] + [(0, p - s) for p, s in zip(self.padded, out.shape[1:])]
         return np.ascontiguousarray(np.pad(out, pad, constant_values=pad_value), dtype=np.float32)
@@ -179,7 +195,7 @@ class _Plan:
         out = heat[tuple(slice(0, s) for s in shape_t)]
         out = out.transpose(np.argsort(self.transpose))
         cropped_shape = tuple(s.stop - s.start for s in self.crop)
-        out = _resample(out[None], cropped_shape)[0]
+        out = self._resampled(out[None], cropped_shape, "map", False)[0]
         oriented_shape = tuple(self.volume_shape[a] for a in self.axes)
         full = np.zeros(oriented_shape, dtype=np.float32)
         full[self.crop] = out
@@ -187,6 +203,17 @@ class _Plan:
         if flip:
             full = np.flip(full, axis=flip)
         return np.ascontiguousarray(full.transpose(np.argsort(self.axes)))
+
+    def _resampled(self, array: np.ndarray, shape: tuple[int, ...], which: str, linear: bool) -> np.ndarray:
+        """Linear, or nnU-Net's recipe for the image (cropped -> model) or the map (model -> cropped)."""
+        if linear or self.resampling is None or tuple(array.shape[1:]) == tuple(shape):
+            return _resample(array, shape)
+        from .nnunet_resampling import resample
+
+        forward = which == "image"
+        current, new = (self.spacing, self.target_spacing) if forward else (self.target_spacing, self.spacing)
+        return resample(array, shape, current, new, self.resampling[which],
+                        float(self.resampling.get("anisotropy_threshold", 3.0)))
 
     def model_index_to_volume_index(self) -> np.ndarray:
         """4x4 matrix from model array index (a0, a1, a2, 1) to volume array index (k, j, i, 1)."""
@@ -246,11 +273,14 @@ def plan_for(volume: Volume, card: ModelCard, image: np.ndarray | None = None) -
     spacing_ijk = np.linalg.norm(ijk_to_ras[:3, :3], axis=0)
     spacing_kji = [spacing_ijk[2 - a] for a in axes]
     resampled = list(cropped)
+    target_spacing = [float(s) for s in spacing_kji]
     if card.spacing is not None:
         target_kji = list(reversed(card.spacing))
         for n in range(3):
             if target_kji[n] is not None and target_kji[n] > 0:
-                resampled[n] = max(int(round(cropped[n] * spacing_kji[n] / target_kji[n])), 1)
+                # nnU-Net's compute_new_shape, in its order of operations
+                resampled[n] = max(int(round(spacing_kji[n] / target_kji[n] * cropped[n])), 1)
+                target_spacing[n] = float(target_kji[n])
     transpose = tuple(card.transpose) if card.transpose else (0, 1, 2)
     model_shape = [resampled[a] for a in transpose]
     step = int(card.divisible_by)
@@ -258,11 +288,15 @@ def plan_for(volume: Volume, card: ModelCard, image: np.ndarray | None = None) -
     for a, size in enumerate(model_shape):
         is_slice_axis = card.spatial_dims == 2 and a == card.slice_axis
         padded.append(size if is_slice_axis else -(-size // step) * step)
-    return _Plan(shape, tuple(axes), tuple(flips), crop, tuple(resampled), transpose, tuple(padded))  # type: ignore[arg-type]
+    return _Plan(shape, tuple(axes), tuple(flips), crop, tuple(resampled), transpose, tuple(padded),  # type: ignore[arg-type]
+                 tuple(float(s) for s in spacing_kji), tuple(target_spacing), card.resampling)  # type: ignore[arg-type]
 
 
-def prepare_input(volume: Volume, card: ModelCard) -> PreparedInput:
+def prepare_input(volume: Volume, card: ModelCard, *, pad_to_divisible: bool = True) -> PreparedInput:
     """Put ``volume`` on the model's grid and intensity scale (see the module docstring).
+
+    ``pad_to_divisible=False`` skips step 6: sliding windows of the card's patch size need no
+    divisibility, and nnU-Net tiles the unpadded image.
 
     Raises:
         InputError: the channel count differs from the card, or the volume cannot be reoriented.
@@ -272,7 +306,7 @@ def prepare_input(volume: Volume, card: ModelCard) -> PreparedInput:
         raise InputError(
             f"the model expects {card.in_channels} image channel(s) but the volume has {image.shape[0]}"
         )
-    plan = plan_for(volume, card, image)
+    plan = plan_for(volume, card if pad_to_divisible else replace(card, divisible_by=1), image)
     cropped = normalize_intensity(plan.to_cropped(image), card.intensity)
     model_image = plan.to_model(cropped)
 
@@ -280,7 +314,8 @@ def prepare_input(volume: Volume, card: ModelCard) -> PreparedInput:
         mask = np.asarray(mask)
         if mask.shape != tuple(volume.spatial_shape):
             raise InputError(f"the ROI has shape {mask.shape} but the image has {tuple(volume.spatial_shape)}")
-        moved = plan.forward(mask[None].astype(np.float32))[0]
+        # regions resample linearly (a weight map stays in [0, 1]; masks are cut at 0.5)
+        moved = plan.to_model(plan.to_cropped(mask[None].astype(np.float32)), linear=True)[0]
         return moved >= 0.5 if mask.dtype == bool else moved
 
     model_ijk_to_ras = volume.ijk_to_ras @ _REVERSE @ plan.model_index_to_volume_index() @ _REVERSE
