@@ -18,10 +18,11 @@ from typing import Annotated
 import qt
 import slicer
 import vtk
-from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+# The Markups classes are in the slicer namespace when scripted modules load (LineProfile.py does the same).
+from slicer import vtkMRMLMarkupsFiducialNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+from slicer.parameterNodeWrapper import Default, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -31,11 +32,14 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 #: Parameter-node fields bound by hand in the widget (their widgets have no GUI connector:
-#: the layer list is filled at run time, the segment selector is a Slicer widget, and the
+#: the layer list is filled at run time, the segment selector is a Slicer widget, the
 #: model field must accept folders and an emptied field, which ctkPathLineEdit's connector
-#: never passes on). Every other field is bound through a ``SlicerParameterName`` property
-#: in the .ui file.
-HAND_BOUND_PARAMETERS = ("layer", "roiSegmentId", "modelPath")
+#: never passes on, and the methods are a checkable list). Every other field is bound through
+#: a ``SlicerParameterName`` property in the .ui file.
+HAND_BOUND_PARAMETERS = ("layer", "roiSegmentId", "modelPath", "methods")
+
+#: The additional input volume fields, for input channels 2, 3 and 4 (``panel_rules.PANEL_CHANNELS``).
+EXTRA_VOLUME_FIELDS = ("extraVolume1", "extraVolume2", "extraVolume3")
 
 #: Torch version the library needs (PyTorch extension installs it on request).
 TORCH_REQUIREMENT = ">=2.1"
@@ -128,6 +132,18 @@ class ComputeDevice(enum.Enum):
         return _(_catalogChoice("DEVICE_CHOICES", self.value).label)
 
 
+class RegionKind(enum.Enum):
+    """Which voxels the explained prediction is summed over (``catalog.REGION_CHOICES``)."""
+
+    MASK = "mask"
+    PREDICTION = "prediction"
+    WHOLE_IMAGE = "whole-image"
+    POINT = "point"
+
+    def label(self) -> str:
+        return _(_catalogChoice("REGION_CHOICES", self.value).label)
+
+
 class SliceAxis(enum.Enum):
     """For 2D models: the axis of the model's input grid the model is applied along; the
     volume's K, J, I unless the model card reorients or transposes the image."""
@@ -158,25 +174,38 @@ class SliceAxis(enum.Enum):
 class SegHiResCAMParameterNode:
     """Every user choice of the panel (saved with the scene).
 
-    inputVolume - the image the model segments.
+    inputVolume - the image the model segments (input channel 1).
+    extraVolume1..3 - the images of input channels 2..4 of a multi-channel model (card order).
     modelPath - the model file (weights + model card, or TorchScript).
     layer - the explained layer ("" = the model card's default).
     targetClass - the output channel whose prediction is explained.
-    roiSegmentation, roiSegmentId - the region (segment) explained; none = the model's prediction.
-    method, target, targetThreshold - the heatmap method and the target (targetThreshold: the
-        probability t of the probability-threshold target).
+    region - which voxels are explained: a segment, the prediction, the whole image, or the
+        prediction at a point.
+    roiSegmentation, roiSegmentId - the segment explained (region "A segment").
+    regionPoint, pointRadius - the point list whose last point is explained (region "point"), and
+        the sphere's radius in mm where the model predicts nothing at the point.
+    methods, target, targetThreshold - the heatmap methods (one heatmap each, from one run) and the
+        target (targetThreshold: the probability t of the probability-threshold target).
     device, sliceAxis - where and how to compute (sliceAxis only for 2D models).
-    outputHeatmap - the volume that receives the heatmap (none = create one).
-    opacity, lowerThreshold, showIn3D - how the heatmap is shown (live).
+    outputHeatmap - the volume that receives the (first method's) heatmap (none = create one).
+    opacity, lowerThreshold, showIn3D, showColorLegend - how the heatmap is shown (live).
+    sideBySide - with several methods, one linked view per heatmap.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
+    extraVolume1: vtkMRMLScalarVolumeNode
+    extraVolume2: vtkMRMLScalarVolumeNode
+    extraVolume3: vtkMRMLScalarVolumeNode
     modelPath: pathlib.Path
     layer: str = ""
     targetClass: Annotated[int, WithinRange(0, 255)] = 1
+    # "A segment" by default: a scene saved before the region choice existed keeps explaining its segment.
+    region: RegionKind = RegionKind.MASK
     roiSegmentation: vtkMRMLSegmentationNode
     roiSegmentId: str = ""
-    method: CamMethod = CamMethod.SEG_HIRES_GRAD_CAM
+    regionPoint: vtkMRMLMarkupsFiducialNode
+    pointRadius: Annotated[float, WithinRange(0.5, 100.0)] = 10.0
+    methods: Annotated[list[CamMethod], Default(generator=lambda: [CamMethod.SEG_HIRES_GRAD_CAM])]
     target: TargetKind = TargetKind.LOGITS
     # Strictly inside (0, 1): ExplainSettings refuses 0 and 1, which would select every voxel or none.
     targetThreshold: Annotated[float, WithinRange(0.01, 0.99)] = 0.5
@@ -186,6 +215,8 @@ class SegHiResCAMParameterNode:
     opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     lowerThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.2
     showIn3D: bool = False
+    showColorLegend: bool = True
+    sideBySide: bool = True
 
 
 def _hasModelPath(path) -> bool:
@@ -212,8 +243,13 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._startingRun = False
         self._layersForModel = None
         self._layerProblem = ""  # why the current model's layers could not be listed, as shown
-        self._shownDisplay = None  # (node id, opacity, threshold, show3D) last applied
+        self._layerJob = None  # the worker listing the current model's layers, polled from a timer
+        self._layersPrevious = None  # the model path the layer was chosen with, while a listing runs
+        self._modelChannels = 1  # input channels of the current model (from its listing or card)
+        self._shownDisplay = None  # (node ids, opacity, threshold, show3D, legend) last applied
+        self._lastHeatmapIds = []  # the last run's heatmaps (one per method), for the live display
         self._pollTimer = None
+        self._layerTimer = None
 
     def setup(self) -> None:
         """Load the .ui, bind it, create the logic."""
@@ -241,16 +277,24 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelPathLineEdit.connect("validInputChanged(bool)", self.onModelPathValidityChanged)
         self.ui.modelFolderButton.connect("clicked()", self.onBrowseModelFolder)
         self.ui.progressBar.visible = False
+        self._fillMethodList()
+        self.ui.methodsListWidget.connect("itemChanged(QListWidgetItem*)", self.onMethodsChanged)
+        # One click places one point; the point list's last point is the one explained.
+        self.ui.pointPlaceWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceSingleMarkup
 
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(self.POLL_INTERVAL_MS)
         self._pollTimer.connect("timeout()", self.onPollJob)
+        self._layerTimer = qt.QTimer()
+        self._layerTimer.setInterval(self.POLL_INTERVAL_MS)
+        self._layerTimer.connect("timeout()", self.onPollLayers)
 
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
         """Stop a running job and drop observers when the module is destroyed."""
         self._cancelJob()
+        self._cancelLayerJob()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -265,6 +309,7 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         self._cancelJob()
+        self._cancelLayerJob()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -306,8 +351,11 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- keeping the GUI in step -------------------------------------------------------
     def _onParameterNodeModified(self, caller=None, event=None) -> None:
         self._syncModelPath()
-        self._refreshLayerList()  # cheap unless the model path changed
+        self._refreshLayerList()  # cheap unless the model path changed; the listing itself runs in a worker
         self._syncSegmentSelector()
+        self._syncRegionRows()
+        self._syncMethodList()
+        self._syncExtraVolumeRows()
         self.ui.targetThresholdSliderWidget.enabled = bool(
             self._parameterNode and self._parameterNode.target == TargetKind.PROBABILITY_THRESHOLD
         )
@@ -322,10 +370,16 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         missing = []
         if not (p and p.inputVolume):
             missing.append(_("an input volume"))
+        if p and any(getattr(p, name) is None for name in EXTRA_VOLUME_FIELDS[: self._extraChannelCount()]):
+            missing.append(_("an image for each input channel"))
         if not (p and _hasModelPath(p.modelPath)):
             missing.append(_("a model file or folder"))
-        if p and p.roiSegmentation and not p.roiSegmentId:
-            missing.append(_("a segment"))
+        if p and p.region == RegionKind.MASK and not (p.roiSegmentation and p.roiSegmentId):
+            missing.append(_("a segmentation and a segment (or another region)"))
+        if p and p.region == RegionKind.POINT and not p.regionPoint:
+            missing.append(_("a point list"))  # an empty one is refused at Apply, with what to do
+        if p and not list(p.methods):
+            missing.append(_("a method"))
         self.ui.applyButton.enabled = not missing
         self.ui.applyButton.toolTip = (
             _("Compute the heatmap.") if not missing else _("Select {items}.").format(items=", ".join(missing))
@@ -357,6 +411,74 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return  # a segment of the selector's own pick of a segmentation, not the user's: ignored
         if p.roiSegmentId != (segmentId or ""):
             self._parameterNode.roiSegmentId = segmentId or ""
+
+    def _syncRegionRows(self) -> None:
+        """Show the rows of the chosen region kind only: the segment's, or the point's."""
+        kind = self._parameterNode.region if self._parameterNode else RegionKind.MASK
+        rows = {
+            RegionKind.MASK: (self.ui.roiSegmentationLabel, self.ui.roiSegmentationSelector, self.ui.roiSegmentLabel,
+                              self.ui.roiSegmentSelector),
+            RegionKind.POINT: (self.ui.regionPointLabel, self.ui.regionPointSelector, self.ui.pointPlaceWidget,
+                               self.ui.pointRadiusLabel, self.ui.pointRadiusSliderWidget),
+        }
+        for rowKind, widgets in rows.items():
+            for widget in widgets:
+                widget.visible = kind == rowKind
+        point = self._parameterNode.regionPoint if self._parameterNode else None
+        if self.ui.pointPlaceWidget.currentNode() != point:
+            self.ui.pointPlaceWidget.setCurrentNode(point)
+
+    def _fillMethodList(self) -> None:
+        """One checkable row per method of the catalog (LoadModulesDialog.py in Slicer's ExtensionWizard
+        makes its checkable QListWidget the same way)."""
+        for method in CamMethod:
+            item = qt.QListWidgetItem(method.label())
+            item.setData(qt.Qt.UserRole, method.value)
+            item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
+            item.setCheckState(qt.Qt.Unchecked)
+            self.ui.methodsListWidget.addItem(item)
+
+    def _syncMethodList(self) -> None:
+        chosen = {method.value for method in self._parameterNode.methods} if self._parameterNode else set()
+        listWidget = self.ui.methodsListWidget
+        wasBlocked = listWidget.blockSignals(True)
+        try:
+            for row in range(listWidget.count):
+                item = listWidget.item(row)
+                state = qt.Qt.Checked if item.data(qt.Qt.UserRole) in chosen else qt.Qt.Unchecked
+                if item.checkState() != state:
+                    item.setCheckState(state)
+        finally:
+            listWidget.blockSignals(wasBlocked)
+
+    def onMethodsChanged(self, item=None) -> None:
+        """The checked methods, in the catalog's order (the first is shown in front and fills the output)."""
+        if self._parameterNode is None:
+            return
+        listWidget = self.ui.methodsListWidget
+        checked = [CamMethod(listWidget.item(row).data(qt.Qt.UserRole)) for row in range(listWidget.count)
+                   if listWidget.item(row).checkState() == qt.Qt.Checked]
+        if checked != list(self._parameterNode.methods):
+            self._parameterNode.methods = checked
+
+    def _extraChannelCount(self) -> int:
+        from SegHiResCAMLib.panel_rules import extra_channels_to_show
+
+        return extra_channels_to_show(self._modelChannels)[0]
+
+    def _syncExtraVolumeRows(self) -> None:
+        """One image selector per input channel beyond the first that the model takes (card order)."""
+        count = self._extraChannelCount()
+        rows = [(self.ui.extraVolume1Label, self.ui.extraVolume1Selector),
+                (self.ui.extraVolume2Label, self.ui.extraVolume2Selector),
+                (self.ui.extraVolume3Label, self.ui.extraVolume3Selector)]
+        for index, widgets in enumerate(rows):
+            for widget in widgets:
+                widget.visible = index < count
+
+    def _extraVolumes(self) -> list:
+        p = self._parameterNode
+        return [getattr(p, name) for name in EXTRA_VOLUME_FIELDS[: self._extraChannelCount()]]
 
     def _syncModelPath(self) -> None:
         """Show the parameter node's model path ("" for none, never ".")."""
@@ -393,47 +515,101 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelPathLineEdit.currentPath = folder  # reaches the parameter node as a typed path does
 
     def _refreshLayerList(self) -> None:
-        """Fill the layer list from the model (with output shapes), or from its card without torch.
+        """Start listing the model's layers (with output shapes) when the model path changed.
 
-        A model that cannot be listed leaves the card's default only, says why in the status
-        line (not in a dialog: the path may be half typed) and lets the rest of the panel's
-        update run; ``slicer.util.tryWithErrorDisplay`` would re-raise and abort it. A new
-        model clears a layer it does not have.
+        The listing runs in a worker process polled from a timer (``onPollLayers``), so the panel
+        never waits for a Python process and torch to start. Until it ends, the list offers the model
+        card's default layer and the layer already chosen; a model whose layers cannot be listed
+        says why in the status line (not in a dialog: the path may be half typed) and the panel
+        stays usable with the card's default. A new model clears a layer it does not have.
         """
-        from SegHiResCAMLib.panel_rules import layer_to_keep
-
         p = self._parameterNode
         path = str(p.modelPath) if p and _hasModelPath(p.modelPath) else ""
         if path == self._layersForModel:
             return
+        self._cancelLayerJob()
         previous, self._layersForModel = self._layersForModel, path
-        described, problem = None, ""
-        if path and os.path.exists(path):
-            slicer.app.setOverrideCursor(qt.Qt.WaitCursor)
-            try:
-                described = self.logic.describeLayers(path)
-            except Exception as error:  # any failure of the model's own loading: reported, the panel goes on
-                problem = _("Cannot list the layers of {path}: {message}").format(
-                    path=path, message=str(error).splitlines()[0] if str(error) else type(error).__name__
-                )
-                logging.warning(f"SegHiResCAM: {problem}")
-            finally:
-                slicer.app.restoreOverrideCursor()
-        if problem or self.ui.statusLabel.text == self._layerProblem:
-            self.ui.statusLabel.text = problem
-        self._layerProblem = problem
+        self._layersPrevious = previous
+        self._modelChannels = 1
+        if not (path and os.path.exists(path)):
+            self._showLayers(None, "")
+            return
+        try:
+            described, job, self._modelChannels = self.logic.startLayerListing(path)
+        except Exception as error:  # any failure of the model's own files: reported, the panel goes on
+            self._showLayers(None, self._layerProblemText(path, error))
+            return
+        if job is None:
+            self._showLayers(described, "")
+            return
+        self._layerJob = job
+        self._showLayers(None, "", listing=True)
+        self._layerTimer.start()
+
+    def onPollLayers(self) -> None:
+        """Timer tick of the layer listing: show the layers (or why not) once the worker answered."""
+        from SegHiResCAMLib.panel_rules import layer_choices
+
+        job = self._layerJob
+        if job is None:
+            self._layerTimer.stop()
+            return
+        problem = ""
+        try:
+            ended = job.poll()
+        except Exception as error:  # reading the worker's answer failed (the job closed itself): reported
+            ended, problem = True, self._layerProblemText(self._layersForModel, error)
+        if not ended:
+            return
+        self._layerTimer.stop()
+        self._layerJob = None
+        if job.state == "done" and not problem:
+            listing = job.result()
+            self._modelChannels = int(listing.get("in_channels", self._modelChannels))
+            self._showLayers(layer_choices(listing), "")
+        else:
+            self._showLayers(None, problem or self._layerProblemText(
+                self._layersForModel, job.error or _("the listing stopped")))
+        self._syncExtraVolumeRows()
+        self._checkCanApply()
+
+    def _cancelLayerJob(self) -> None:
+        if self._layerJob is not None:
+            self._layerJob.cancel()
+            self._layerJob = None
+        if self._layerTimer is not None:
+            self._layerTimer.stop()
+
+    @staticmethod
+    def _layerProblemText(path, error) -> str:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return _("Cannot list the layers of {path}: {message}").format(path=path, message=message)
+
+    def _showLayers(self, described, problem: str, listing: bool = False) -> None:
+        """Fill the layer list (None: the card's default only) and keep the chosen layer if the model has it."""
+        from SegHiResCAMLib.panel_rules import extra_channels_to_show, layer_to_keep
+
+        if problem:
+            logging.warning(f"SegHiResCAM: {problem}")
+        channelNote = extra_channels_to_show(self._modelChannels)[1]
+        shown = problem or channelNote
+        if shown or self.ui.statusLabel.text == self._layerProblem:
+            self.ui.statusLabel.text = shown
+        self._layerProblem = shown
         combo = self.ui.layerComboBox
         wasBlocked = combo.blockSignals(True)
         try:
             combo.clear()
-            combo.addItem(_("Model card's default layer"), "")
+            combo.addItem(_("Model card's default layer (listing the layers...)") if listing
+                          else _("Model card's default layer"), "")
             for name, description in described or []:
                 combo.addItem(f"{name}  {description}", name)
         finally:
             combo.blockSignals(wasBlocked)
-        if p is not None:
+        p = self._parameterNode
+        if p is not None and not listing:
             layers = [name for name, _description in described] if described is not None else None
-            kept = layer_to_keep(p.layer, previous, path, layers)
+            kept = layer_to_keep(p.layer, self._layersPrevious, self._layersForModel or "", layers)
             if kept != p.layer:
                 self._parameterNode.layer = kept
         self._syncLayerSelection()
@@ -457,18 +633,30 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode.layer != layer:
             self._parameterNode.layer = layer
 
-    def _applyLiveDisplay(self) -> None:
-        """Opacity, threshold and 3D act at once on the heatmap already shown."""
+    def _shownHeatmaps(self) -> list:
+        """The output heatmap and the other heatmaps of the last run that are still in the scene."""
         p = self._parameterNode
-        node = p.outputHeatmap if p else None
-        if node is None or self._job is not None or not self.logic.isHeatmap(node):
-            return
-        wanted = (node.GetID(), float(p.opacity), float(p.lowerThreshold), bool(p.showIn3D))
-        if wanted == self._shownDisplay:
+        nodes = [p.outputHeatmap] if p and p.outputHeatmap is not None else []
+        nodes += [slicer.mrmlScene.GetNodeByID(nodeId) for nodeId in self._lastHeatmapIds]
+        unique = {node.GetID(): node for node in nodes if node is not None and self.logic.isHeatmap(node)}
+        return list(unique.values())
+
+    def _displayState(self, nodes) -> tuple:
+        p = self._parameterNode
+        return (tuple(node.GetID() for node in nodes), float(p.opacity), float(p.lowerThreshold), bool(p.showIn3D),
+                bool(p.showColorLegend))
+
+    def _applyLiveDisplay(self) -> None:
+        """Opacity, threshold, 3D and colour bar act at once on the heatmaps already shown (3D: the first only)."""
+        p = self._parameterNode
+        nodes = self._shownHeatmaps() if p and self._job is None else []
+        if not nodes or self._displayState(nodes) == self._shownDisplay:
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to update the heatmap display.")):
-            self.logic.updateDisplay(node, opacity=p.opacity, lowerThreshold=p.lowerThreshold, showIn3D=p.showIn3D)
-        self._shownDisplay = wanted
+            for index, node in enumerate(nodes):
+                self.logic.updateDisplay(node, opacity=p.opacity, lowerThreshold=p.lowerThreshold,
+                                         showIn3D=p.showIn3D and index == 0, colorLegend=p.showColorLegend)
+        self._shownDisplay = self._displayState(nodes)
 
     # -- running -----------------------------------------------------------------------
     def onApplyButton(self) -> None:
@@ -511,16 +699,18 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.ensureTorch(askConfirmation=False)
         with slicer.util.tryWithErrorDisplay(_("Failed to start the explanation."), waitCursor=True):
             settings, display = self.logic.settingsFromParameterNode(p)
+            useSegment = p.region == RegionKind.MASK
             self._job = self.logic.start(
                 p.inputVolume,
                 p.modelPath,
                 settings,
                 display,
-                segmentationNode=p.roiSegmentation,
-                segmentId=p.roiSegmentId or None,
+                segmentationNode=p.roiSegmentation if useSegment else None,
+                segmentId=(p.roiSegmentId or None) if useSegment else None,
                 outputVolume=p.outputHeatmap,
                 trustCode=trustCode,
                 progressCallback=self._onProgress,
+                extraVolumes=self._extraVolumes(),
             )
             self._setRunning(True)
             self._pollTimer.start()
@@ -555,12 +745,14 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._endJob()
         if job.state == "done":
             p = self._parameterNode
-            # show_heatmap already applied these display values.
-            self._shownDisplay = (job.output_node.GetID(), float(p.opacity), float(p.lowerThreshold), bool(p.showIn3D))
+            self._lastHeatmapIds = [node.GetID() for node in job.output_nodes.values()]
             p.outputHeatmap = job.output_node
-            self.ui.statusLabel.text = _("Done on {device} in {seconds:.1f} s.").format(
-                device=job.device or "?", seconds=job.seconds or 0.0
-            ) + ("" if not job.warnings else " " + _("Warnings: {w}").format(w="; ".join(job.warnings)))
+            # show_heatmap already applied these display values.
+            self._shownDisplay = self._displayState(self._shownHeatmaps())
+            if job.display.side_by_side and len(job.output_nodes) > 1:
+                slicer.util.resetSliceViews()  # fit the new views to the image
+            self.ui.statusLabel.text = _("Done: {summary}.").format(summary=job.summary) + (
+                "" if not job.warnings else " " + _("Warnings: {w}").format(w="; ".join(job.warnings)))
         elif job.state == "failed":
             message = str(job.error) if job.error is not None else _("unknown error")
             self.ui.statusLabel.text = _("Failed: {message}").format(message=message)
@@ -586,7 +778,8 @@ class SegHiResCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.progressBar.value = 0
             self.ui.progressBar.format = _("starting the worker (%p%)")
             self.ui.statusLabel.text = _("Running...")
-        for section in (self.ui.inputsCollapsibleButton, self.ui.methodCollapsibleButton):
+        sections = (self.ui.inputsCollapsibleButton, self.ui.regionCollapsibleButton, self.ui.methodCollapsibleButton)
+        for section in sections:
             section.enabled = not running
         if not running:
             self._checkCanApply()
@@ -613,6 +806,10 @@ class SegHiResCAMLogic(ScriptedLoadableModuleLogic):
         logic = SegHiResCAM.SegHiResCAMLogic()
         heatmap = logic.process(volumeNode, "/path/model.pt", segmentationNode, "Segment_1",
                                 layer="decoder.2", targetClass=1, device="cpu")
+
+        # Two methods, the predicted lesion at the last point of a point list:
+        heatmap = logic.process(volumeNode, "/path/model.pt", method=["seg-hires-grad-cam", "seg-grad-cam"],
+                                pointNode=pointListNode, targetClass=1)
 
         # Without blocking, with the settings object every door uses:
         from SegHiResCAMLib.settings import ExplainSettings
@@ -700,32 +897,41 @@ class SegHiResCAMLogic(ScriptedLoadableModuleLogic):
         return executable
 
     def describeLayers(self, modelPath) -> list:
-        """(name, "Type  C×D×H×W") for each explainable layer, the model card's choices first.
+        """(name, "Type  C×D×H×W") for each explainable layer, the model card's choices first (blocking).
 
         The shapes come from the worker process (Slicer's own process never loads torch for
         them); without torch, or before the model's code is trusted, only the model card's layers
-        are listed, without shapes.
+        are listed, without shapes. The panel runs the same listing without blocking
+        (``startLayerListing``).
         """
+        from SegHiResCAMLib.panel_rules import layer_choices
+
+        described, job, _channels = self.startLayerListing(modelPath)
+        return described if job is None else layer_choices(job.wait(300.0))
+
+    def startLayerListing(self, modelPath) -> tuple:
+        """Start listing a model's layers; returns ``(rows, job, inputChannels)`` at once.
+
+        Without torch, or before the model's code is trusted, ``rows`` are the model card's layers
+        without shapes and ``job`` is None; otherwise ``rows`` is None and ``job`` a started
+        ``LayersJob``: ``poll()`` it from a timer, then ``panel_rules.layer_choices(job.result())``
+        gives the rows and ``job.result()["in_channels"]`` the channels. ``inputChannels`` is the
+        model card's (1 without a card).
+        """
+        from SegHiResCAMLib.jobs.layers_job import LayersJob
         from SegHiResCAMLib.models.card import ModelCard, find_card  # json only, no torch
 
-        card = find_card(pathlib.Path(modelPath))
-        recommended = list(ModelCard.load(card).layers) if card else []
+        cardPath = find_card(pathlib.Path(modelPath))
+        card = ModelCard.load(cardPath) if cardPath else None
+        recommended, channels = (list(card.layers), card.in_channels) if card else ([], 1)
         if not self.torchAvailable():
-            return [(name, _("(install PyTorch to see shapes)")) for name in recommended]
+            return [(name, _("(install PyTorch to see shapes)")) for name in recommended], None, channels
         if self.modelCodeToTrust(modelPath) is not None:  # never run untrusted code just to list layers
-            return [(name, _("(shapes appear once the model's code is trusted)")) for name in recommended]
-        listing = self.layerListing(modelPath)
-        described = {
-            row["name"]: f"{row['type']}  {'×'.join(map(str, row['output_shape'][1:]))}"
-            for row in listing["layers"]
-            # containers and unused modules have no output to explain; "unusable" says why a layer
-            # cannot be explained (called several times, no tensor out): `seghirescam layers` shows it
-            if row["output_shape"] and not row["unusable"]
-        }
-        first = [name for name in listing["default_layers"] if name in described]  # the card's picks, starred
-        return [(name, described[name] + "  ★") for name in first] + [
-            (name, text) for name, text in described.items() if name not in first
-        ]
+            untrusted = _("(shapes appear once the model's code is trusted)")
+            return [(name, untrusted) for name in recommended], None, channels
+        job = LayersJob(modelPath, python_executable=self.pythonExecutable(), temp_root=slicer.app.temporaryPath)
+        job.start()
+        return None, job, channels
 
     @staticmethod
     def modelCodeToTrust(modelPath):
@@ -757,21 +963,35 @@ class SegHiResCAMLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def settingsFromParameterNode(parameterNode) -> tuple:
-        """The panel's choices as (ExplainSettings, DisplaySettings): the one place they are read."""
-        from SegHiResCAMLib.settings import DisplaySettings, ExplainSettings
+        """The panel's choices as (ExplainSettings, DisplaySettings): the one place they are read.
+
+        The region at a point is the point list's last point, in the input volume's own frame.
+
+        Raises:
+            InputError: a choice the settings refuse, or a point list without a placed point.
+        """
+        from SegHiResCAMLib.mrml.points import markup_point_ras
+        from SegHiResCAMLib.settings import DisplaySettings, ExplainSettings, RegionPoint
 
         p = parameterNode
+        point = None
+        if p.region == RegionKind.POINT:
+            ras, _label = markup_point_ras(p.regionPoint, p.inputVolume)
+            point = RegionPoint(ras, float(p.pointRadius))
         explainSettings = ExplainSettings(
             target_class=int(p.targetClass),
             layers=(p.layer,) if p.layer else (),
-            methods=(p.method.value,),
+            methods=tuple(method.value for method in p.methods),
             target=p.target.value,
             target_threshold=float(p.targetThreshold),
             device=p.device.value,
             slice_axis=p.sliceAxis.axis(),
+            region=p.region.value,
+            point=point,
         )
         displaySettings = DisplaySettings(
-            opacity=float(p.opacity), lower_threshold=float(p.lowerThreshold), show_3d=bool(p.showIn3D)
+            opacity=float(p.opacity), lower_threshold=float(p.lowerThreshold), show_3d=bool(p.showIn3D),
+            color_legend=bool(p.showColorLegend), side_by_side=bool(p.sideBySide),
         )
         return explainSettings, displaySettings
 
@@ -786,15 +1006,20 @@ class SegHiResCAMLogic(ScriptedLoadableModuleLogic):
         outputVolume=None,
         trustCode: bool = False,
         progressCallback=None,
+        extraVolumes=(),
     ):
         """Start an explanation in the worker process and return the running ``ExplainJob`` at once.
 
-        :param settings: what to explain (``SegHiResCAMLib.settings.ExplainSettings``).
+        :param settings: what to explain (``SegHiResCAMLib.settings.ExplainSettings``; a point region
+            is ``ExplainSettings(point=RegionPoint(...))``, see ``pointFromMarkups``).
         :param display: how to show it (``DisplaySettings``); None = the defaults.
-        :param segmentationNode, segmentId: the region; None = the model's own prediction.
+        :param segmentationNode, segmentId: the region; None = the settings' region kind (by default
+            the model's own prediction).
         :param outputVolume: scalar volume to fill with the first method's heatmap; None = create one.
         :param trustCode: let the model's own code run; see ``modelCodeToTrust``.
         :param progressCallback: called with (fraction, message).
+        :param extraVolumes: the images of input channels 2, 3, ... of a multi-channel model, in the
+            model card's channel order.
         :return: the job: ``poll()`` it from a timer (True once it ended), ``wait()`` for the heatmap
             node, ``cancel()`` to stop; ``job.output_nodes`` holds one heatmap node per method.
         """
@@ -802,9 +1027,11 @@ class SegHiResCAMLogic(ScriptedLoadableModuleLogic):
         from SegHiResCAMLib.settings import DisplaySettings
 
         self.ensureTorch(askConfirmation=True)  # in testing mode it refuses instead of installing
+        layoutManager = slicer.app.layoutManager()  # None without a main window
         job = ExplainJob(
             slicer.mrmlScene,
-            JobInputs(inputVolume, modelPath, segmentationNode, segmentId, trust_code=bool(trustCode)),
+            JobInputs(inputVolume, modelPath, segmentationNode, segmentId, trust_code=bool(trustCode),
+                      extra_volume_nodes=tuple(extraVolumes)),
             settings,
             display if display is not None else DisplaySettings(),
             output_node=outputVolume,
@@ -812,6 +1039,7 @@ class SegHiResCAMLogic(ScriptedLoadableModuleLogic):
             progress=progressCallback,
             volume_rendering_logic=slicer.modules.volumerendering.logic(),
             temp_root=slicer.app.temporaryPath,  # the user's Slicer temp folder, not the system's
+            layout_node=layoutManager.layoutLogic().GetLayoutNode() if layoutManager else None,
         )
         job.start()
         return job
@@ -836,6 +1064,10 @@ class SegHiResCAMLogic(ScriptedLoadableModuleLogic):
         trustCode: bool = False,
         target: str = "logits",
         threshold: float = 0.5,
+        region=None,
+        pointNode=None,
+        pointRadius: float = 10.0,
+        extraVolumes=(),
     ):
         """Compute the heatmap of a segment's prediction and show it (blocking by default).
 
@@ -846,7 +1078,8 @@ class SegHiResCAMLogic(ScriptedLoadableModuleLogic):
         :param outputVolume: scalar volume to fill; None = create one (only when the run succeeds).
         :param layer: layer name, or list of names (averaged); None = the model card's default.
         :param targetClass: the output channel explained.
-        :param method: a method name ("seg-hires-grad-cam", "seg-grad-cam", ...) or ``CamMethod``.
+        :param method: a method name ("seg-hires-grad-cam", "seg-grad-cam", ...) or ``CamMethod``, or a
+            list of them: one heatmap each from one run (the first is returned and shown in front).
         :param device: "auto", "cuda", "cpu" or ``ComputeDevice``.
         :param sliceAxis: for 2D models, array axis 0/1/2 (K/J/I); None = the model card's.
         :param opacity, lowerThreshold, showIn3D: how the heatmap is shown.
@@ -858,27 +1091,57 @@ class SegHiResCAMLogic(ScriptedLoadableModuleLogic):
         :param threshold: the target threshold of the "probability-threshold" target, strictly between 0 and 1.
         :param trustCode: let the model's own code run (a ``.py`` builder, a MONAI bundle with
             expressions); see ``modelCodeToTrust``.
+        :param region: "prediction", "whole-image", "point" or "mask" (or ``RegionKind``); None = from
+            what is given (a point, a segment, else the model's prediction).
+        :param pointNode, pointRadius: a Markups point list whose last point is the region's point, and the
+            sphere's radius in mm where the model predicts nothing there.
+        :param extraVolumes: the images of input channels 2, 3, ... of a multi-channel model (card order).
         :raises SegHiResCAMError: with the worker's one-line message when the run fails.
         """
-        from SegHiResCAMLib.settings import DisplaySettings, ExplainSettings
+        from SegHiResCAMLib.settings import DisplaySettings, ExplainSettings, RegionPoint
 
+        methods = method if isinstance(method, (list, tuple)) else (method,)
+        point = None
+        if pointNode is not None:
+            point = RegionPoint(self.pointFromMarkups(pointNode, inputVolume), float(pointRadius))
         settings = ExplainSettings(
             target_class=int(targetClass),
             layers=() if not layer else layer,
-            methods=(method.value if isinstance(method, CamMethod) else str(method),),
+            methods=tuple(m.value if isinstance(m, CamMethod) else str(m) for m in methods),
             target=target.value if isinstance(target, TargetKind) else str(target),
             target_threshold=float(threshold),
             device=device.value if isinstance(device, ComputeDevice) else str(device),
             slice_axis=sliceAxis,
+            region=region.value if isinstance(region, RegionKind) else region,
+            point=point,
         )
         display = DisplaySettings(opacity=float(opacity), lower_threshold=float(lowerThreshold), show_3d=bool(showIn3D))
         job = self.start(inputVolume, modelPath, settings, display, segmentationNode, segmentId, outputVolume,
-                         trustCode, progressCallback)
+                         trustCode, progressCallback, extraVolumes)
         if not waitForCompletion:
             return job
         heatmap = job.wait()
-        logging.info(f"SegHiResCAM: heatmap computed on {job.device} in {job.seconds:.2f} s")
+        logging.info(f"SegHiResCAM: {job.summary}")
         return heatmap
+
+    @staticmethod
+    def pointFromMarkups(markupsNode, volumeNode) -> tuple:
+        """(R, A, S) of the point list's last placed point in the volume's own frame (for ``RegionPoint``)."""
+        from SegHiResCAMLib.mrml.points import markup_point_ras
+
+        return markup_point_ras(markupsNode, volumeNode)[0]
+
+    @staticmethod
+    def showSideBySide(heatmapNodes, referenceVolume) -> list:
+        """One linked slice view per heatmap, each over ``referenceVolume`` (e.g. ``job.output_nodes.values()``)."""
+        from SegHiResCAMLib.mrml.compare_views import show_side_by_side
+
+        layoutManager = slicer.app.layoutManager()
+        views = show_side_by_side(slicer.mrmlScene, referenceVolume, list(heatmapNodes),
+                                  layoutManager.layoutLogic().GetLayoutNode() if layoutManager else None)
+        if layoutManager:
+            layoutManager.resetSliceViews()  # fit the new views to the image
+        return views
 
     @staticmethod
     def isHeatmap(node) -> bool:
@@ -887,10 +1150,14 @@ class SegHiResCAMLogic(ScriptedLoadableModuleLogic):
 
         return node is not None and node.GetImageData() is not None and node.GetAttribute(HEATMAP_ATTRIBUTE) == "1"
 
-    def updateDisplay(self, heatmapNode, opacity: float, lowerThreshold: float, showIn3D: bool) -> None:
-        """Change how a shown heatmap looks (opacity, transparent below a value, 3D rendering)."""
+    def updateDisplay(self, heatmapNode, opacity: float, lowerThreshold: float, showIn3D: bool,
+                      colorLegend=None) -> None:
+        """Change how a shown heatmap looks (opacity, transparent below a value, 3D rendering, colour bar;
+        ``colorLegend`` None leaves the colour bar as it is)."""
         from SegHiResCAMLib.mrml import heatmap_display
 
+        if colorLegend is not None:
+            heatmap_display.set_color_legend(slicer.mrmlScene, heatmapNode, bool(colorLegend))
         heatmap_display.set_heatmap_opacity(slicer.mrmlScene, heatmapNode, opacity)
         heatmap_display.set_lower_threshold(slicer.mrmlScene, heatmapNode, lowerThreshold)
         heatmap_display.set_show_in_3d(
@@ -919,6 +1186,8 @@ class SegHiResCAMTest(ScriptedLoadableModuleTest):
         self.test_heatmap_has_input_geometry_and_mass_on_the_evidence()
         self.setUp()
         self.test_missing_segment_gives_clear_error_and_no_node()
+        self.setUp()
+        self.test_a_point_on_the_ball_and_two_methods_give_two_named_heatmaps()
 
     def _syntheticBall(self):
         """A 32³ noisy volume with one bright ball (the evidence) and a segment covering the ball."""
@@ -968,6 +1237,27 @@ class SegHiResCAMTest(ScriptedLoadableModuleTest):
         share = float(values[near].sum() / values.sum())
         self.assertGreater(share, 0.6, f"only {share:.0%} of the heatmap lies on the ball")
         self.delayDisplay(f"Test passed: {share:.0%} of the heatmap on the evidence")
+
+    def test_a_point_on_the_ball_and_two_methods_give_two_named_heatmaps(self):
+        import numpy as np
+
+        self.delayDisplay("Explaining the predicted ball at a markup point with two methods")
+        volume, _segmentation, _segmentId, _ball, _grid, centre, _radius = self._syntheticBall()
+        ijkToRAS = vtk.vtkMatrix4x4()
+        volume.GetIJKToRASMatrix(ijkToRAS)
+        k, j, i = centre
+        r, a, s, _one = ijkToRAS.MultiplyPoint([i, j, k, 1.0])
+        points = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Lesion")
+        points.AddControlPoint(r, a, s, "L-1")
+        logic = SegHiResCAMLogic()
+        job = logic.process(volume, self._modelPath(), method=["seg-hires-grad-cam", "seg-grad-cam"], pointNode=points,
+                            device="cpu", waitForCompletion=False)
+        first = job.wait()
+        self.assertEqual(len(job.output_nodes), 2)
+        self.assertIs(first, job.output_nodes["seg-hires-grad-cam"])
+        self.assertIn("Seg-Grad CAM", job.output_nodes["seg-grad-cam"].GetName())
+        self.assertAlmostEqual(float(np.max(slicer.util.arrayFromVolume(first))), 1.0, places=4)
+        self.assertIn("region: the prediction at the point", job.summary)
 
     def test_missing_segment_gives_clear_error_and_no_node(self):
         from SegHiResCAMLib.errors import InputError

@@ -17,7 +17,8 @@ TORCH_FREE = [
     "SegHiResCAMLib.worker.protocol", "SegHiResCAMLib.worker.launcher", "SegHiResCAMLib.worker.main",
     "SegHiResCAMLib.service", "SegHiResCAMLib.cli",
     "SegHiResCAMLib.jobs.explain_job", "SegHiResCAMLib.jobs.layers_job", "SegHiResCAMLib.mrml.volumes", "SegHiResCAMLib.mrml.segments", "SegHiResCAMLib.mrml.heatmap_display",
-    "SegHiResCAMLib.mrml.scene", "SegHiResCAMLib.mrml.render",
+    "SegHiResCAMLib.mrml.scene", "SegHiResCAMLib.mrml.render", "SegHiResCAMLib.mrml.points",
+    "SegHiResCAMLib.mrml.compare_views", "SegHiResCAMLib.point_region", "SegHiResCAMLib.panel_rules",
 ]
 # Plain data, not even numpy: the choices and the wire format.
 NUMPY_FREE = ["SegHiResCAMLib.catalog", "SegHiResCAMLib.settings", "SegHiResCAMLib.models.trust",

@@ -10,12 +10,13 @@ import pytest
 
 from SegHiResCAMLib import catalog
 from SegHiResCAMLib.errors import InputError
-from SegHiResCAMLib.settings import DisplaySettings, ExplainSettings
+from SegHiResCAMLib.settings import DisplaySettings, ExplainSettings, RegionPoint
 
 EVERY_FIELD = dict(
     target_class="white matter", layers=("bottleneck", "decoder.0"), methods=("seg-grad-cam", "seg-hires-grad-cam"),
-    target="probability-threshold", target_threshold=0.25, device="cuda:1", slice_axis=2, region="whole-image",
-    multilabel=True, probabilities=False, output_key="seg", relu=False, normalize=False, batch_size=3,
+    target="probability-threshold", target_threshold=0.25, device="cuda:1", slice_axis=2, region="point",
+    point=RegionPoint((12.5, -3.0, 40.0), 4.0), multilabel=True, probabilities=False, output_key="seg", relu=False,
+    normalize=False, batch_size=3,
 )
 
 
@@ -44,8 +45,9 @@ def test_engine_dispatch_and_catalog_name_the_same_methods_and_agree_on_gradient
 def test_an_unknown_name_is_refused_with_the_choices():
     with pytest.raises(InputError, match=r"^method 'gradcam' is unknown; choose one of seg-hires-grad-cam, "):
         catalog.method("gradcam")
-    with pytest.raises(InputError, match=r"region 'point' is unknown; choose one of mask, prediction, whole-image$"):
-        catalog.find(catalog.REGION_CHOICES, "point", "region")
+    with pytest.raises(InputError, match=r"region 'lesion' is unknown; choose one of mask, prediction, whole-image, "
+                                         r"point$"):
+        catalog.find(catalog.REGION_CHOICES, "lesion", "region")
 
 
 def test_settings_survive_a_json_round_trip_with_every_field_set():
@@ -96,7 +98,13 @@ def test_values_are_normalised_once():
     ("device", "gpu", "device 'gpu' is unknown; choose one of auto, cuda, cpu"),
     ("slice_axis", 3, "slice_axis must be 0, 1 or 2"),
     ("slice_axis", True, "slice_axis must be 0, 1 or 2"),
-    ("region", "point", "region 'point' is unknown"),
+    ("region", "lesion", "region 'lesion' is unknown"),
+    ("region", "point", "the region kind 'point' needs a point: place a markup point (panel), give --point R A S"),
+    ("point", (1.0, 2.0, 3.0), "point must be a RegionPoint"),
+    ("point", {"ras": [1, 2]}, "the point must be three finite numbers (R, A, S) in millimetres, got [1, 2]"),
+    ("point", {"ras": [1, 2, math.inf]}, "three finite numbers"),
+    ("point", {"ras": [1, 2, 3], "radius_mm": 0}, "the point's radius must be a positive number of millimetres, got 0"),
+    ("point", {"ras": [1, 2, 3], "radius": 5}, "the point have unknown keys ['radius']"),
     ("multilabel", "yes", "multilabel must be true, false or None"),
     ("output_key", 1.5, "output_key must be an index or a key of the model's outputs, or None"),
     ("output_key", True, "output_key must be an index or a key"),
@@ -135,6 +143,22 @@ def test_the_region_kind_follows_what_was_given_and_refuses_contradictions():
         ExplainSettings(target_class=1, region="mask").region_kind(False)
     with pytest.raises(InputError, match="a region was given, but the region kind 'prediction'"):
         ExplainSettings(target_class=1, region="prediction").region_kind(True)
+
+
+def test_a_point_makes_the_region_kind_point_and_travels_as_json():
+    point = RegionPoint(np.array([1.5, -2.0, 30.25]), radius_mm=np.float32(7.5))
+    assert point.ras == (1.5, -2.0, 30.25) and type(point.radius_mm) is float
+    settings = ExplainSettings(target_class=1, point=point)
+    assert settings.region_kind(False) == "point" == ExplainSettings(target_class=1, region="point",
+                                                                     point=point).region_kind(False)
+    data = json.loads(json.dumps(settings.to_dict()))
+    assert data["point"] == {"ras": [1.5, -2.0, 30.25], "radius_mm": 7.5}
+    assert ExplainSettings.from_dict(data) == settings
+    assert RegionPoint((0, 0, 0)).radius_mm == 10.0
+    with pytest.raises(InputError, match="a region was given, but the region kind 'point'"):
+        settings.region_kind(True)
+    with pytest.raises(InputError, match="a point was given, but the region kind is 'whole-image'"):
+        ExplainSettings(target_class=1, region="whole-image", point=point)
 
 
 def test_the_three_thresholds_have_three_names():

@@ -3,7 +3,7 @@
 The settings object carries ``output_key`` to the batch loop and to Kernel-Weighted Contribution's
 ablations; a ``LoadedModel``'s card fills what the settings leave open (layers, class name,
 output_key); sliding windows and the memory estimate take output_key too and run models in their
-owner's mode; the evaluation scores the card's output and runs models in their owner's mode; why a
+owner's mode; the prediction that finds a point's region reads the same output; the evaluation scores the card's output and runs models in their owner's mode; why a
 layer cannot be explained reaches the command line and the worker's listing, which the panel reads.
 """
 
@@ -21,6 +21,7 @@ from torch import nn
 from SegHiResCAMLib.cli import main
 from SegHiResCAMLib.engine.explain import explain_with_settings
 from SegHiResCAMLib.engine.memory import step_peak_bytes
+from SegHiResCAMLib.engine.prediction import predicted_mask
 from SegHiResCAMLib.engine.sliding_window import explain_windows, predict
 from SegHiResCAMLib.errors import ModelError
 from SegHiResCAMLib.evaluation.masking import masking_scores_on_volume
@@ -140,3 +141,20 @@ def test_sliding_windows_run_a_model_wholly_in_training_mode_in_eval_mode_and_sa
         predict(model, image, device="cpu")
     assert all(module.training for module in model.modules())
     assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
+
+
+def test_the_prediction_behind_a_point_region_reads_the_output_the_settings_or_the_card_name():
+    model = _two_outputs()
+    image = blob((16, 16), seed=13)
+    with torch.no_grad():
+        probability = torch.softmax(OnlySeg(model)(torch.from_numpy(image)[None]), 1)[0, 1]
+    settings = ExplainSettings(target_class=1, target="probability-threshold",
+                               target_threshold=float(probability.median()), device="cpu")
+    expected = predicted_mask(OnlySeg(model), image, settings)
+    assert 0 < expected.sum() < expected.size
+    with pytest.raises(ModelError, match="name it with output_key"):
+        predicted_mask(model, image, settings)
+    np.testing.assert_array_equal(predicted_mask(model, image, dataclasses.replace(settings, output_key="seg")),
+                                  expected)
+    by_card = predicted_mask(_loaded(model, output_key="seg"), image, dataclasses.replace(settings, target_class="b"))
+    np.testing.assert_array_equal(by_card, expected)

@@ -197,7 +197,7 @@ def test_several_methods_give_one_named_heatmap_node_each_equal_to_the_library()
     first = running.wait(timeout=120)
     assert list(running.output_nodes) == list(methods) and first is running.output_nodes[methods[0]]
     assert [node.GetName() for node in running.output_nodes.values()] == [
-        "Ball image Seg-HiRes-Grad CAM heatmap", "Ball image Seg-Grad CAM heatmap"]
+        "Ball image Seg-HiRes-Grad CAM decoder.0 heatmap", "Ball image Seg-Grad CAM decoder.0 heatmap"]
     roi = segment_mask(segmentation, segment_id, volume)
     expected, _ = explain_volume(load_model(MODEL), volume_from_node(volume), cpu(methods=methods), roi=roi)
     for method, node in running.output_nodes.items():

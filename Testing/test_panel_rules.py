@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from SegHiResCAMLib.dependencies import installed_version, unmet_requirement, version_satisfies
-from SegHiResCAMLib.panel_rules import layer_to_keep, model_path_text, segment_id_to_keep
+from SegHiResCAMLib.panel_rules import (
+    PANEL_CHANNELS,
+    extra_channels_to_show,
+    layer_choices,
+    layer_to_keep,
+    model_path_text,
+    segment_id_to_keep,
+)
 
 
 @pytest.mark.parametrize(
@@ -90,3 +97,80 @@ def test_the_installed_torch_is_read_from_its_metadata():
     assert unmet_requirement("torch", ">=2.1") is None
     assert unmet_requirement("torch", ">=999") == torch.__version__
     assert unmet_requirement("no-such-distribution-seghirescam", ">=1") is None
+
+
+@pytest.mark.parametrize("in_channels, shown, refused", [(1, 0, False), (2, 1, False), (4, 3, False), (5, 3, True),
+                                                         (0, 0, False)])
+def test_the_panel_shows_one_volume_selector_per_extra_channel_and_says_when_it_cannot(in_channels, shown, refused):
+    count, note = extra_channels_to_show(in_channels)
+    assert count == shown and bool(note) == refused and PANEL_CHANNELS == 4
+    if refused:
+        assert note.startswith(f"this model takes {in_channels} input channels and the panel offers 4; run it from")
+
+
+def test_layer_rows_put_the_cards_layers_first_with_a_star_and_skip_layers_without_output():
+    listing = {"default_layers": ["decoder.0", "absent"], "layers": [
+        {"name": "encoder", "type": "ModuleList", "output_shape": None},
+        {"name": "encoder.0", "type": "ConvBlock", "output_shape": [1, 4, 32, 32, 32]},
+        {"name": "decoder.0", "type": "UpBlock", "output_shape": [1, 8, 16, 16, 16]},
+    ]}
+    assert layer_choices(listing) == [("decoder.0", "UpBlock  8×16×16×16  ★"), ("encoder.0", "ConvBlock  4×32×32×32")]
+
+
+def test_layer_rows_leave_out_the_layers_the_listing_says_cannot_be_explained():
+    why = "it runs 3 times in one forward pass (called from blocks.0, blocks.1, blocks.2), so its output is ambiguous"
+    listing = {"default_layers": [], "layers": [
+        {"name": "blocks.2.act", "type": "ReLU", "output_shape": [1, 4, 8, 8, 8], "unusable": why},
+        {"name": "blocks.2.conv", "type": "Conv3d", "output_shape": [1, 4, 8, 8, 8], "unusable": None},
+    ]}
+    assert layer_choices(listing) == [("blocks.2.conv", "Conv3d  4×8×8×8")]
+
+
+@pytest.mark.process
+def test_the_panels_layer_listing_runs_in_the_background_and_gives_the_rows_and_channels(tmp_path):
+    import time
+
+    from test_explain_job_regions import MODEL, two_channel_model
+
+    from SegHiResCAMLib import list_layers
+    from SegHiResCAMLib.jobs.layers_job import LayersJob
+    from SegHiResCAMLib.models.loading import load_model
+
+    model = two_channel_model(tmp_path)
+    job = LayersJob(model, size=16)
+    job.start()  # returns while the worker starts: the panel polls from a timer
+    assert job.state == "running"
+    deadline = time.monotonic() + 120
+    while not job.poll():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    listing = job.result()
+    loaded = load_model(model)
+    # the rows: every layer with an output to explain ('pool' runs several times: it cannot be explained)
+    infos = [info for info in list_layers(loaded.module, loaded.card.example_shape(16))
+             if info.output_shape and not info.unusable]
+    assert "pool" not in {info.name for info in infos}
+    rows = layer_choices(listing)
+    assert [name for name, _ in rows] == ["decoder.0", "decoder.1", "bottleneck"] + [
+        info.name for info in infos if info.name not in ("decoder.0", "decoder.1", "bottleneck")]
+    assert rows[0][1].endswith("★") and listing["in_channels"] == 2 and MODEL.exists()
+
+
+@pytest.mark.process
+def test_a_listing_that_fails_ends_polled_with_a_one_line_error_and_no_temp_folder(tmp_path):
+    import time
+
+    from SegHiResCAMLib.errors import SegHiResCAMError
+    from SegHiResCAMLib.jobs.layers_job import LayersJob
+
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a model")
+    job = LayersJob(broken)
+    job.start()
+    temp_dir = job.temp_dir
+    deadline = time.monotonic() + 120
+    while not job.poll():  # never raises: the panel stays consistent
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert job.state == "failed" and isinstance(job.error, SegHiResCAMError) and "\n" not in str(job.error)
+    assert "broken.pt" in str(job.error) and not temp_dir.exists()

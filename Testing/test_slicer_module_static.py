@@ -126,6 +126,7 @@ def test_hand_bound_fields_have_their_widgets_in_the_ui():
     widgets = ui_widgets()
     assert widgets["layerComboBox"].get("class") == "QComboBox"
     assert widgets["roiSegmentSelector"].get("class") == "qMRMLSegmentSelectorWidget"
+    assert widgets["methodsListWidget"].get("class") == "QListWidget"
     source = MODULE_FILE.read_text(encoding="utf-8")
     for field in hand_bound():
         assert f"_parameterNode.{field} = " in source, f"the widget never writes the hand-bound field '{field}'"
@@ -156,7 +157,7 @@ def enum_values(name: str) -> list[str]:
 
 
 @pytest.mark.parametrize("enum, choices", [("CamMethod", "METHOD_CHOICES"), ("TargetKind", "TARGET_CHOICES"),
-                                           ("ComputeDevice", "DEVICE_CHOICES")])
+                                           ("ComputeDevice", "DEVICE_CHOICES"), ("RegionKind", "REGION_CHOICES")])
 def test_the_panels_choices_are_the_catalogs_in_its_order(enum, choices):
     from SegHiResCAMLib import catalog
 
@@ -178,7 +179,9 @@ def test_the_logic_reads_every_explanation_and_display_choice_in_one_place():
     method = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "settingsFromParameterNode")
     read = {node.attr for node in ast.walk(method) if isinstance(node, ast.Attribute)
             and isinstance(node.value, ast.Name) and node.value.id == "p"}
-    inputs = {"inputVolume", "modelPath", "roiSegmentation", "roiSegmentId", "outputHeatmap"}  # the job's inputs
+    # The job's inputs (the input volume is read too: a point is read in its frame).
+    inputs = {"modelPath", "roiSegmentation", "roiSegmentId", "outputHeatmap", "extraVolume1", "extraVolume2",
+              "extraVolume3"}
     assert read == set(parameter_fields()) - inputs
     widget = class_def("SegHiResCAMWidget")
     calls = {ast.unparse(node.func) for node in ast.walk(widget) if isinstance(node, ast.Call)}

@@ -67,3 +67,27 @@ def test_the_extension_category_is_the_same_in_cmake_and_the_index_entry():
     entry = json.loads((ROOT / "extension_meta.json").read_text(encoding="utf-8"))
     assert category and category.group(1) == entry["category"] == "Segmentation"
     assert 'translate("qSlicerAbstractCoreModule", "Segmentation")' in MODULE_FILE.read_text(encoding="utf-8")
+
+
+def test_the_layer_listing_never_blocks_the_panel():
+    # Issue 10: the panel waited for a worker process (and torch) to start on every model change.
+    refresh = ast.unparse(method("SegHiResCAMWidget", "_refreshLayerList"))
+    for blocking in (".wait(", "describeLayers(", "layerListing(", "setOverrideCursor"):
+        assert blocking not in refresh, blocking
+    assert "startLayerListing(" in refresh and "_layerTimer.start()" in refresh
+    assert "wait(" not in ast.unparse(method("SegHiResCAMLogic", "startLayerListing"))
+    poll = ast.unparse(method("SegHiResCAMWidget", "onPollLayers"))
+    assert "job.poll()" in poll and "except Exception" in poll and "layer_choices(" in poll
+    setup = method("SegHiResCAMWidget", "setup")
+    connected = {ast.unparse(c.args[1]) for c in calls(setup, "connect") if len(c.args) == 2}
+    assert {"self.onPollLayers", "self.onMethodsChanged"} <= connected
+    for cleanup in ("cleanup", "onSceneStartClose"):
+        assert calls(method("SegHiResCAMWidget", cleanup), "_cancelLayerJob")
+
+
+def test_the_method_list_is_the_catalogs_and_the_status_line_is_the_jobs_summary():
+    fill = ast.unparse(method("SegHiResCAMWidget", "_fillMethodList"))
+    assert "for method in CamMethod" in fill and "ItemIsUserCheckable" in fill
+    assert "job.summary" in ast.unparse(method("SegHiResCAMWidget", "onPollJob"))
+    settings = ast.unparse(method("SegHiResCAMLogic", "settingsFromParameterNode"))
+    assert "p.methods" in settings and "markup_point_ras(p.regionPoint, p.inputVolume)" in settings

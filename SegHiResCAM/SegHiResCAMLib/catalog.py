@@ -85,10 +85,12 @@ DEVICE_CHOICES: tuple[Choice, ...] = (
 
 #: Region kinds: which voxels m(p) the target sums over.
 REGION_CHOICES: tuple[Choice, ...] = (
-    Choice("mask", "A segment or region file", "the user's region: a segment, or a label or weight file"),
+    Choice("mask", "A segment", "the user's region: a segment, or a label or weight file"),
     Choice("prediction", "The model's prediction", "where the model predicts the class"),
     Choice("whole-image", "The whole image", "every voxel of the image (never the padding added for the model)"),
-    # "point" (issue 10): the predicted component of the class connected to a markup point.
+    Choice("point", "The prediction at a point",
+           "the model's predicted region of the class connected to a point (a markup), or a sphere around the point "
+           "where the model predicts nothing"),
 )
 
 C = TypeVar("C", bound=Choice)

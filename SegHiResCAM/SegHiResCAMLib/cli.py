@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import __version__, catalog
-from .errors import InternalError, SegHiResCAMError, internal_error_line, one_line
+from .errors import InputError, InternalError, SegHiResCAMError, internal_error_line, one_line
 
 PROG = "seghirescam"
 #: How a user reports an internal error of the command line.
@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--region", choices=catalog.names(catalog.REGION_CHOICES), metavar="KIND",
                          help="what the target sums over: " + _choices_help(catalog.REGION_CHOICES)
                          + " (default: mask with --roi, else prediction)")
+    explain.add_argument("--point", nargs=3, type=float, metavar=("R", "A", "S"),
+                         help="explain the model's predicted region of C connected to this point, in the image's RAS "
+                         "millimetres as Slicer shows them (ITK and NIfTI tools show LPS: negate the first two); where "
+                         "the model predicts nothing there, a sphere around it (--point-radius)")
+    explain.add_argument("--point-radius", type=float, metavar="MM",
+                         help="radius of the sphere around --point used where the model predicts nothing (default: 10)")
     explain.add_argument("--method", action="append", metavar="M",
                          help=_choices_help(catalog.METHOD_CHOICES, catalog.DEFAULT_METHOD)
                          + "; repeat it for several heatmaps from one run (the gradient methods share one backward)")
@@ -178,16 +184,26 @@ def _class_or_name(text: str) -> int | str:
     return int(text) if text.strip().lstrip("-").isdigit() else text
 
 
+def _point(args: argparse.Namespace, region_point: type):
+    """The RegionPoint of --point and --point-radius, or None."""
+    if args.point is None:
+        if args.point_radius is not None:
+            raise InputError("--point-radius needs --point R A S, the point whose region is explained")
+        return None
+    radius = {} if args.point_radius is None else {"radius_mm": args.point_radius}
+    return region_point(tuple(args.point), **radius)
+
+
 def explain_request(args: argparse.Namespace):
     """The worker request (paths + settings) that ``seghirescam explain`` runs."""
     from .service import method_outputs
-    from .settings import ExplainSettings
+    from .settings import ExplainSettings, RegionPoint
     from .worker.protocol import ExplainRequest
 
     settings = ExplainSettings(
         target_class=_class_or_name(args.target_class), layers=tuple(args.layer or ()),
         methods=tuple(args.method or (catalog.DEFAULT_METHOD,)), target=args.target, target_threshold=args.threshold,
-        device=args.device, slice_axis=args.slice_axis, region=args.region,
+        device=args.device, slice_axis=args.slice_axis, region=args.region, point=_point(args, RegionPoint),
     )
     roi_label = None if args.roi_label is None else _class_or_name(args.roi_label)
     return ExplainRequest(

@@ -9,7 +9,11 @@ because the widget itself only runs inside Slicer.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+
+#: Input channels the panel offers volume selectors for: the input volume and three more (BraTS's
+#: T1, T1ce, T2 and FLAIR). Models with more channels run from the console or the command line.
+PANEL_CHANNELS = 4
 
 
 def segment_id_to_keep(segment_ids: Sequence[str] | None, wanted: str, shown: str = "") -> str:
@@ -73,3 +77,38 @@ def model_path_text(path: str | os.PathLike | None) -> str:
 
 def _same_path(first: str, second: str) -> bool:
     return model_path_text(first) == model_path_text(second)
+
+
+def layer_choices(listing: Mapping) -> list[tuple[str, str]]:
+    """The layer list's rows from the worker's layer listing: ``(name, "Type  C×D×H×W")`` for each
+    layer with an output to explain, the model card's recommended layers first, marked with a star.
+    A layer the listing marks ``unusable`` (it runs several times, or returns no tensor) is left out:
+    it cannot be explained (``seghirescam layers`` prints why).
+
+    Args:
+        listing: the worker's "result" event of a layers request (``jobs.LayersJob.result()``).
+    """
+    described = {
+        row["name"]: f"{row['type']}  {'×'.join(map(str, row['output_shape'][1:]))}"
+        for row in listing["layers"]
+        if row["output_shape"] and not row.get("unusable")  # containers and unused modules have no output
+    }
+    first = [name for name in listing.get("default_layers", ()) if name in described]
+    return [(name, described[name] + "  ★") for name in first] + [
+        (name, text) for name, text in described.items() if name not in first
+    ]
+
+
+def extra_channels_to_show(in_channels: int) -> tuple[int, str]:
+    """How many additional input volume selectors the panel shows for a model with ``in_channels``
+    input channels, and why the panel cannot run it ("" when it can).
+
+    The input volume is channel 1; selectors 1, 2, ... are channels 2, 3, ... in the model card's order.
+    """
+    needed = max(int(in_channels), 1) - 1
+    if needed <= PANEL_CHANNELS - 1:
+        return needed, ""
+    return PANEL_CHANNELS - 1, (
+        f"this model takes {in_channels} input channels and the panel offers {PANEL_CHANNELS}; run it from the "
+        "Python console (logic.start with extraVolumes) or the command line (one --image per channel)"
+    )

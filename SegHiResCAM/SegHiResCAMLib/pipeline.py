@@ -16,6 +16,7 @@ import numpy as np
 
 from .errors import InputError, InternalError
 from .models.card import resolve_class  # noqa: F401  (public here before)
+from .point_region import point_region, point_voxel
 from .progress import ProgressCallback, scaled_progress
 from .settings import ExplainSettings
 from .volume import Volume
@@ -100,17 +101,27 @@ def explain_volume(
         card = dataclasses.replace(card, slice_axis=settings.slice_axis)
     settings = settings_for_model(settings, card)
     check_layers(loaded.module, settings.layers)
+    kind = settings.region_kind(roi is not None)
     roi = _region_on_volume(settings, roi, volume)
 
     if progress is not None:
         progress(0.0, "preparing the image for the model")
     prepared = prepare_input(volume, card)
+    notes: tuple[str, ...] = ()
+    if kind == "point":
+        if progress is not None:
+            progress(0.0, "predicting the class on the whole image to find the region at the point")
+        region = point_region(predicted_region_on_volume(loaded, prepared, settings, card), volume.ijk_to_ras,
+                              settings.point)
+        roi = region.mask
+        if not region.predicted:  # the user pointed at a lesion the model does not see: say so
+            notes = (region.describe(settings.point, settings.target_class),)
     roi_model = None if roi is None else np.asarray(prepared.roi_to_model(roi)).astype(bool)
     explanation = explain_with_settings(
         loaded.module,
         prepared.image,
         # The region is applied; maps are normalised once, after mapping back onto the volume grid.
-        dataclasses.replace(settings, region=None, normalize=False),
+        dataclasses.replace(settings, region=None, point=None, normalize=False),
         roi=roi_model,
         spatial_dims=card.spatial_dims,
         progress=scaled_progress(progress, _PREPARE_SHARE, 1.0 - _PREPARE_SHARE - _RESTORE_SHARE),
@@ -121,16 +132,37 @@ def explain_volume(
             for method, heat in explanation.maps.items()}
     if progress is not None:
         progress(1.0, "done")
+    if notes:
+        explanation = dataclasses.replace(explanation, warnings=notes + explanation.warnings)
     return maps, explanation
+
+
+def predicted_region_on_volume(loaded, prepared, settings: ExplainSettings, card) -> np.ndarray:
+    """The model's predicted region of ``settings.target_class`` on the volume's own voxel grid.
+
+    The one place that predicts a whole volume for a region: the model runs on the prepared image
+    (the card's preprocessing, as the explanation sees it) with the explanation's own rule
+    (``engine.prediction.predicted_mask``), and the mask comes back as heatmaps do (voxels at least
+    half inside). When the pipeline runs models by sliding windows, this is where the windows' fused
+    prediction goes.
+    """
+    from .engine.prediction import predicted_mask
+
+    on_model_grid = predicted_mask(loaded.module, prepared.image, settings, spatial_dims=card.spatial_dims)
+    return np.asarray(prepared.heatmap_to_volume(on_model_grid.astype(np.float32))) >= 0.5
 
 
 def _region_on_volume(settings: ExplainSettings, roi, volume: Volume) -> np.ndarray | None:
     """The region of the settings' kind on the volume's grid (only the image's voxels, never the
-    padding preprocessing adds), the given mask checked for shape."""
+    padding preprocessing adds), the given mask checked for shape; for a point, None (it needs the
+    prediction) once the point is found inside the image."""
     from .engine.arrange import region_array
 
     if volume.array.ndim not in (3, 4):
         raise InputError(f"the image must be a 3D volume (K, J, I), got an array of shape {volume.array.shape}")
+    if roi is None and settings.point is not None:
+        point_voxel(volume.ijk_to_ras, volume.spatial_shape, settings.point.ras)  # refused before any work
+        return None
     if roi is not None:
         roi = np.asarray(roi)
         if roi.shape != volume.spatial_shape:

@@ -42,6 +42,7 @@ class ExplainResult:
         outputs: method -> the file written.
         settings: the settings as run: the model card's defaults filled in (layers, class index).
         device, seconds, roi_voxels, warnings: facts about the run.
+        class_name: the model card's name of the class explained ("" when the card names none).
     """
 
     image: Volume
@@ -52,6 +53,7 @@ class ExplainResult:
     seconds: float
     roi_voxels: int
     warnings: tuple[str, ...] = ()
+    class_name: str = ""
 
     @property
     def output(self) -> Path:
@@ -63,7 +65,7 @@ class ExplainResult:
         return {"output": str(self.output), "outputs": {m: str(p) for m, p in self.outputs.items()},
                 "device": self.device, "seconds": round(self.seconds, 3), "roi_voxels": self.roi_voxels,
                 "methods": list(self.settings.methods), "layers": list(self.settings.layers),
-                "target_class": self.settings.target_class}
+                "target_class": self.settings.target_class, "class_name": self.class_name}
 
 
 @dataclass(frozen=True)
@@ -76,10 +78,12 @@ class LayersResult:
     default_layers: tuple[str, ...]
     example_shape: tuple[int, ...]
     layers: tuple[Any, ...]
+    in_channels: int = 1
 
     def event(self) -> dict[str, Any]:
         """The fields of the worker's "result" event (each layer as a JSON object)."""
         return {"model": self.model, "spatial_dims": self.spatial_dims, "class_names": list(self.class_names),
+                "in_channels": self.in_channels,
                 "default_layers": list(self.default_layers), "example_shape": list(self.example_shape),
                 "layers": [_jsonable(asdict(info)) for info in self.layers]}
 
@@ -146,6 +150,11 @@ def _explain(request: ExplainRequest, progress: ProgressCallback, relay: WarnCal
     with _step("reading the region"):
         roi = None if request.roi is None else read_mask(request.roi, image, label=request.roi_label)
         settings.region_kind(roi is not None)  # a contradiction is refused before the slow part
+        if settings.point is not None:
+            from .point_region import point_voxel
+
+            name = f"the image {Path(request.images[0]).name}"
+            point_voxel(image.ijk_to_ras, image.spatial_shape, settings.point.ras, name)
     with _step("checking the output files"):
         outputs = {method: check_output_path(path) for method, path in zip(settings.methods, request.outputs)}
     with _step("loading the model"):
@@ -159,8 +168,11 @@ def _explain(request: ExplainRequest, progress: ProgressCallback, relay: WarnCal
     with _step("writing the heatmaps"):
         for method, path in outputs.items():
             write_image(maps[method], path)
-    return ExplainResult(image, maps, outputs, settings_for_model(settings, loaded.card), explanation.device,
-                         time.perf_counter() - started, int(explanation.roi_voxels), explanation.warnings)
+    resolved = settings_for_model(settings, loaded.card)
+    names = loaded.card.class_names
+    return ExplainResult(image, maps, outputs, resolved, explanation.device, time.perf_counter() - started,
+                         int(explanation.roi_voxels), explanation.warnings,
+                         names[resolved.target_class] if resolved.target_class < len(names) else "")
 
 
 def _check_channels(card, image: Volume, files: int) -> None:
@@ -169,7 +181,7 @@ def _check_channels(card, image: Volume, files: int) -> None:
         raise InputError(
             f"the model {card.name!r} takes {card.in_channels} image channel{'s' if card.in_channels != 1 else ''} "
             f"but {files} image{'s were' if files != 1 else ' was'} given; give one image per channel "
-            "(command line: one --image each), in the order of the model card"
+            "(panel: the additional input volumes; command line: one --image each), in the order of the model card"
         )
 
 
@@ -182,7 +194,8 @@ def _list_layers(request: LayersRequest) -> LayersResult:
     shape = card.example_shape(request.size)
     with _step("listing the layers"):
         infos = list_layers(loaded.module, shape)
-    return LayersResult(card.name, card.spatial_dims, card.class_names, card.layers, tuple(shape), tuple(infos))
+    return LayersResult(card.name, card.spatial_dims, card.class_names, card.layers, tuple(shape), tuple(infos),
+                        card.in_channels)
 
 
 def _warning_relay(warn: WarnCallback | None) -> WarnCallback:

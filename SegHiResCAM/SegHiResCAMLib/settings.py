@@ -31,6 +31,45 @@ S = TypeVar("S")
 
 
 @dataclass(frozen=True)
+class RegionPoint:
+    """The point of the region kind "point": what a radiologist points at (a Markups point in Slicer).
+
+    The region is the model's predicted region of the target class connected to the voxel that holds
+    the point (6-connected: voxels sharing a face), or, where the model predicts no voxel of the class
+    there, the voxels whose centres lie within ``radius_mm`` of the point.
+
+    Attributes:
+        ras: (R, A, S) in millimetres, in the image's own frame (the frame of its IJK-to-RAS matrix,
+            before any parent transform; ``mrml.points.markup_point_ras`` brings a Slicer markup into it).
+        radius_mm: the sphere's radius in millimetres, used only where nothing is predicted at the point.
+    """
+
+    ras: tuple[float, float, float]
+    radius_mm: float = 10.0
+
+    def __post_init__(self) -> None:
+        try:  # a list, a tuple or a numpy array of three numbers
+            values = () if isinstance(self.ras, (str, bytes)) else tuple(self.ras)
+        except TypeError:
+            values = ()
+        if len(values) != 3 or not all(isinstance(value, numbers.Real) and not isinstance(value, bool)
+                                       and math.isfinite(value) for value in values):
+            raise InputError(f"the point must be three finite numbers (R, A, S) in millimetres, got {self.ras!r}")
+        _set(self, "ras", tuple(float(value) for value in values))
+        radius = self.radius_mm
+        if isinstance(radius, bool) or not isinstance(radius, numbers.Real) or not 0.0 < radius < math.inf:
+            raise InputError(f"the point's radius must be a positive number of millimetres, got {radius!r}")
+        _set(self, "radius_mm", float(radius))
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RegionPoint:
+        return _from_dict(cls, data, "point")
+
+
+@dataclass(frozen=True)
 class ExplainSettings:
     """What an explanation is asked to do.
 
@@ -47,8 +86,10 @@ class ExplainSettings:
         slice_axis: for 2D models, the axis of the model's input grid to slice along (the volume's
             0 = K, 1 = J, 2 = I unless the card reorients or transposes); None = the model card's.
         region: which voxels the target sums over (``catalog.REGION_CHOICES``): "mask" (a region
-            is given), "prediction" (the model's own prediction of the class) or "whole-image";
-            None = "mask" when a region is given, else "prediction".
+            is given), "prediction" (the model's own prediction of the class), "whole-image" or
+            "point" (the predicted region connected to ``point``); None = "point" when a point is
+            given, "mask" when a region is given, else "prediction".
+        point: the :class:`RegionPoint` of the region kind "point" (a dict is read as one); None otherwise.
         multilabel: the classes are independent (one sigmoid per channel); None = the model card's.
         probabilities: the model outputs probabilities, not logits; None = the model card's.
         output_key: for a network whose forward returns a tuple, list or dict (deep supervision,
@@ -67,6 +108,7 @@ class ExplainSettings:
     device: str = "auto"
     slice_axis: int | None = None
     region: str | None = None
+    point: RegionPoint | None = None
     multilabel: bool | None = None
     probabilities: bool | None = None
     output_key: int | str | None = None
@@ -95,6 +137,7 @@ class ExplainSettings:
             _set(self, "slice_axis", int(self.slice_axis))
         if self.region is not None:
             catalog.find(catalog.REGION_CHOICES, self.region, "region")
+        self._check_point()
         for name in ("multilabel", "probabilities"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be true, false or None (the model card's), got {getattr(self, name)!r}")
@@ -124,15 +167,29 @@ class ExplainSettings:
                 raise InputError(f"{info.label} keeps positive evidence only, so it has no signed heatmap "
                                  "(relu=False); keep relu on or choose another method")
 
+    def _check_point(self) -> None:
+        """The point is a RegionPoint, and it is given exactly when the region kind is "point"."""
+        if isinstance(self.point, Mapping):
+            _set(self, "point", RegionPoint.from_dict(self.point))
+        if self.point is not None and not isinstance(self.point, RegionPoint):
+            raise InputError(f"point must be a RegionPoint (R, A, S and a radius) or None, got {self.point!r}")
+        if self.region == "point" and self.point is None:
+            raise InputError("the region kind 'point' needs a point: place a markup point (panel), give --point R A S "
+                             "(command line) or point=RegionPoint((r, a, s)) (Python)")
+        if self.point is not None and self.region not in (None, "point"):
+            raise InputError(f"a point was given, but the region kind is {self.region!r}; leave the region kind unset "
+                             "or choose 'point'")
+
     def region_kind(self, region_given: bool) -> str:
-        """The region kind of a run: ``region``, or by default "mask" when a region is given and
-        "prediction" otherwise.
+        """The region kind of a run: ``region``, or by default "point" when a point is given, "mask"
+        when a region is given and "prediction" otherwise.
 
         Raises:
             InputError: ``region`` and what was given disagree (a "mask" without a region, or a
-                region given with "prediction" or "whole-image").
+                region given with "prediction", "whole-image" or a point).
         """
-        kind = self.region if self.region is not None else ("mask" if region_given else "prediction")
+        default = "point" if self.point is not None else ("mask" if region_given else "prediction")
+        kind = self.region if self.region is not None else default
         if kind == "mask" and not region_given:
             raise InputError("the region kind 'mask' needs a region: a segment, a region file (--roi) or roi=")
         if kind != "mask" and region_given:
@@ -166,18 +223,24 @@ class DisplaySettings:
         show_3d: also show the heatmap with volume rendering in the 3D view.
         output_name: the name of a new heatmap node; None = the default name
             (``mrml.heatmap_display.heatmap_node_name``).
+        color_legend: show the heatmap's colour bar in the slice views that show it.
+        side_by_side: with several methods, lay out one linked slice view per heatmap
+            (``mrml.compare_views``); with one method it changes nothing.
     """
 
     opacity: float = 0.5
     lower_threshold: float = 0.2
     show_3d: bool = False
     output_name: str | None = None
+    color_legend: bool = True
+    side_by_side: bool = False
 
     def __post_init__(self) -> None:
         _set(self, "opacity", _fraction("opacity", self.opacity))
         _set(self, "lower_threshold", _fraction("lower_threshold", self.lower_threshold))
-        if not isinstance(self.show_3d, bool):
-            raise InputError(f"show_3d must be true or false, got {self.show_3d!r}")
+        for name in ("show_3d", "color_legend", "side_by_side"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.output_name is not None and (not isinstance(self.output_name, str) or not self.output_name.strip()):
             raise InputError(f"output_name must be a non-empty name or None (the default name), got {self.output_name!r}")
 
@@ -231,7 +294,7 @@ def _fraction(field: str, value: object, open_interval: bool = False) -> float:
 
 
 def _to_dict(settings: object) -> dict[str, Any]:
-    return {f.name: list(v) if isinstance(v, tuple) else v
+    return {f.name: v.to_dict() if hasattr(v, "to_dict") else list(v) if isinstance(v, tuple) else v
             for f in fields(settings) for v in (getattr(settings, f.name),)}  # type: ignore[arg-type]
 
 

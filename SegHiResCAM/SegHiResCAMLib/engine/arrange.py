@@ -85,6 +85,9 @@ def region_array(settings: ExplainSettings, roi, spatial_shape: tuple[int, ...])
     None ("prediction": the model's own prediction, found on the output), or ones over the image
     ("whole-image"). Checked before any work (see ``ExplainSettings.region_kind``)."""
     kind = settings.region_kind(roi is not None)
+    if kind == "point":
+        raise InputError("the region kind 'point' needs the image's geometry and the model's prediction on it; "
+                         "explain a volume with pipeline.explain_volume (or the command line, or Slicer)")
     if kind == "whole-image":
         return np.ones(tuple(spatial_shape), bool)
     return roi

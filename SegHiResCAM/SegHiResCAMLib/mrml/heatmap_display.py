@@ -12,6 +12,8 @@ the slice views as they were, and an output node updated in place with its previ
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import slicer
 
@@ -58,6 +60,7 @@ def show_heatmap(
     lower_threshold: float = 0.2,
     show_3d: bool = True,
     volume_rendering_logic: slicer.vtkSlicerVolumeRenderingLogic | None = None,
+    color_legend: bool = False,
 ) -> slicer.vtkMRMLScalarVolumeNode:
     """Create (or update in place) the heatmap volume node and show it in every view.
 
@@ -76,6 +79,8 @@ def show_heatmap(
         volume_rendering_logic: Slicer's volume rendering logic
             (``slicer.modules.volumerendering.logic()``), which picks the user's rendering
             method; None makes the rendering nodes directly (GPU ray casting).
+        color_legend: show the colour bar (Slicer's colour legend display node) in the slice views
+            that show the heatmap; False hides one shown before.
 
     Returns:
         The heatmap scalar volume node.
@@ -115,6 +120,7 @@ def show_heatmap(
             _enable_volume_rendering(scene, node, volume_rendering_logic)
         else:
             _hide_volume_rendering(node)
+        set_color_legend(scene, node, color_legend)
         if output_node is None:
             _place_next_to(scene, node, reference_volume_node)
     except BaseException:
@@ -126,12 +132,38 @@ def show_heatmap(
     return node
 
 
-def heatmap_node_name(reference_name: str, method: str | None = None) -> str:
-    """The one default name of a new heatmap node: "<image> heatmap", or, when a run makes one
-    heatmap per method, "<image> <method label> heatmap"."""
+def heatmap_node_name(reference_name: str, method: str | None = None, layers: Sequence[str] = ()) -> str:
+    """The one default name of a new heatmap node: "<image> <method label> <layers> heatmap"
+    ("Ball Seg-Grad CAM decoder.0 heatmap"; several layers joined by "+"), so the heatmaps of
+    several methods and layers can be told apart in the views; "<image> heatmap" without a method."""
     if method is None:
         return f"{reference_name} heatmap"
-    return f"{reference_name} {method_choice(method).label} heatmap"
+    layer_text = f" {'+'.join(layers)}" if layers else ""
+    return f"{reference_name} {method_choice(method).label}{layer_text} heatmap"
+
+
+def set_color_legend(scene: slicer.vtkMRMLScene, node: slicer.vtkMRMLScalarVolumeNode, show: bool) -> None:
+    """Show or hide the heatmap's colour bar.
+
+    Slicer's colour legend display node (``vtkSlicerColorLogic.AddDefaultColorLegendDisplayNode``,
+    titled with the node's name) is drawn by the colour legend displayable manager in each slice
+    view whose layers show the heatmap, so with one heatmap per view each view shows its own bar.
+    Hiding keeps the legend node (hidden), so showing it again restores the user's changes to it.
+    """
+    _check_heatmap_node(node)
+    legend = slicer.vtkSlicerColorLogic.GetColorLegendDisplayNode(node)
+    if legend is None and not show:
+        return
+    if legend is None:
+        if node.GetDisplayNode() is None:
+            raise InputError(f"the heatmap '{node.GetName()}' has no display settings; run the explanation again")
+        if not scene.IsNodeClassRegistered("vtkMRMLColorLegendDisplayNode"):
+            # Slicer's Colors module registers it at start; a bare MRML scene (slicer-core) has not.
+            scene.RegisterNodeClass(slicer.vtkMRMLColorLegendDisplayNode())
+        legend = slicer.vtkSlicerColorLogic.AddDefaultColorLegendDisplayNode(node.GetDisplayNode())
+        if legend is None:
+            raise DisplayError(f"Slicer could not create a colour bar for '{node.GetName()}'")
+    legend.SetVisibility(bool(show))
 
 
 def set_heatmap_opacity(scene: slicer.vtkMRMLScene, node: slicer.vtkMRMLScalarVolumeNode, opacity: float) -> None:

@@ -9,7 +9,8 @@ Slicer job or any other caller; the command line builds the same objects in proc
      "model": "model.pt", "trust_code": false,
      "outputs": ["heat_hires.nrrd", "heat_grad.nrrd"],   one per method, in settings.methods' order
      "settings": {"target_class": 1, "layers": ["decoder.2"], "methods": ["seg-hires-grad-cam", "seg-grad-cam"],
-                  "target": "logits", "target_threshold": 0.5, "device": "auto", "slice_axis": null, ...}}
+                  "target": "logits", "target_threshold": 0.5, "device": "auto", "slice_axis": null,
+                  "region": null, "point": {"ras": [12.5, -30.0, 41.0], "radius_mm": 10.0} | null, ...}}
 
     {"kind": "layers", "model": "model.pt", "trust_code": false, "size": 32}
 
@@ -23,9 +24,10 @@ Events, one JSON object per line::
     {"event": "progress", "fraction": 0.25, "message": "explained 8 of 40 slices"}
     {"event": "warning", "message": "..."}
     {"event": "result", "output": "heat_hires.nrrd", "outputs": {"seg-hires-grad-cam": "heat_hires.nrrd", ...},
-     "device": "cpu", "seconds": 1.3, "roi_voxels": 812, "layers": ["decoder.2"], "target_class": 1}
+     "device": "cpu", "seconds": 1.3, "roi_voxels": 812, "layers": ["decoder.2"], "target_class": 1,
+     "class_name": "tumour"}
     {"event": "result", "model": "...", "layers": [{"name": "decoder.2", "type": "Conv3d", "output_shape": [...],
-     "unusable": null}], "default_layers": [...], "example_shape": [...]}               (a "layers" request)
+     "unusable": null}], "default_layers": [...], "example_shape": [...], "in_channels": 2}  (a "layers" request)
     {"event": "error", "message": "the segment 'tumor' is empty inside the image", "type": "InputError"}
 
 Exit status: 0 after a result, 1 after an error event, 2 for an unusable request (not JSON,
