@@ -54,6 +54,48 @@ class InplaceNet(nn.Module):
         return self.head(self.relu(self.conv(x)))
 
 
+class InplaceUNet(nn.Module):
+    """A two-level U-Net (batch norm, skip) that works in place after its layers.
+
+    ``enc`` ends in ``ReLU(inplace=True)`` (overwriting its batch norm's output), the skip is added
+    to ``up``'s output with ``+=``, and ``act`` (``LeakyReLU(inplace=True)``) overwrites ``dec``'s
+    output, whose overwritten tensor the head then reads.
+    """
+
+    def __init__(self, spatial_dims: int = 2, classes: int = 3) -> None:
+        super().__init__()
+        conv, norm = (nn.Conv2d, nn.BatchNorm2d) if spatial_dims == 2 else (nn.Conv3d, nn.BatchNorm3d)
+        upconv = nn.ConvTranspose2d if spatial_dims == 2 else nn.ConvTranspose3d
+        self.enc = nn.Sequential(conv(1, 4, 3, padding=1), norm(4), nn.ReLU(inplace=True))
+        self.pool = nn.MaxPool2d(2) if spatial_dims == 2 else nn.MaxPool3d(2)
+        self.mid = nn.Sequential(conv(4, 8, 3, padding=1), norm(8), nn.ReLU(inplace=True))
+        self.up = upconv(8, 4, 2, stride=2)
+        self.dec = nn.Sequential(conv(4, 4, 3, padding=1), norm(4))
+        self.act = nn.LeakyReLU(0.1, inplace=True)
+        self.head = conv(4, classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = self.enc(x)
+        y = self.up(self.mid(self.pool(skip)))
+        y += skip
+        y = self.dec(y)
+        self.act(y)
+        return self.head(y)
+
+
+def inplace_unet(spatial_dims: int = 2, seed: int = 0) -> InplaceUNet:
+    """An :class:`InplaceUNet` in eval mode with non-trivial batch-norm statistics."""
+    torch.manual_seed(seed)
+    model = InplaceUNet(spatial_dims)
+    for module in model.modules():
+        if isinstance(module, (nn.BatchNorm2d, nn.BatchNorm3d)):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
 class TupleLayerNet(nn.Module):
     """``pair`` returns a tuple; ``classifier`` returns (N, classes) without spatial dims."""
 

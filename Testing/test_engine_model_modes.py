@@ -150,3 +150,19 @@ def test_a_model_card_names_the_modules_that_run_in_training_mode(tmp_path):
     (tmp_path / "hdbet.json").write_text(json.dumps({"train_mode_modules": ["BatchNorm3d"]}))
     with pytest.raises(ModelError, match=r"train_mode_modules entry 'BatchNorm3d' names no module of the network"):
         load_model(path)
+
+
+def test_an_exported_program_runs_as_exported_and_its_card_cannot_name_training_mode_modules(tmp_path):
+    owner = hd_bet_like(seed=1)
+    image = _image(seed=1)
+    prediction, reference = _owner_reference(owner, image, 1)
+    assert prediction.any()
+    x = torch.from_numpy(image)[None]
+    program = torch.export.export(copy.deepcopy(owner), (x,))  # exported in the owner's mode: norms use the image's statistics
+    heat = explain(program, image, layer=LAYER, target_class=1, relu=False, normalize=False, device="cpu")
+    np.testing.assert_allclose(heat, reference, rtol=0, atol=_float32(reference))
+    path = tmp_path / "hdbet.pt2"
+    torch.export.save(torch.export.export(copy.deepcopy(owner).eval(), (x,)), str(path))
+    (tmp_path / "hdbet.json").write_text(json.dumps({"train_mode_modules": ["InstanceNorm3d"], "layers": [LAYER]}))
+    with pytest.raises(ModelError, match=r"train_mode_modules cannot apply to the exported program hdbet\.pt2"):
+        load_model(path)

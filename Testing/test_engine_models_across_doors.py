@@ -3,7 +3,8 @@
 The settings object carries ``output_key`` to the batch loop and to Kernel-Weighted Contribution's
 ablations; a ``LoadedModel``'s card fills what the settings leave open (layers, class name,
 output_key); sliding windows and the memory estimate take output_key too and run models in their
-owner's mode; the prediction that finds a point's region reads the same output; the evaluation scores the card's output and runs models in their owner's mode; why a
+owner's mode; an exported program returns its outputs as the model did and is explained in memory
+too; the prediction that finds a point's region reads the same output; the evaluation scores the card's output and runs models in their owner's mode; why a
 layer cannot be explained reaches the command line and the worker's listing, which the panel reads.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,7 @@ import torch
 from torch import nn
 
 from SegHiResCAMLib.cli import main
-from SegHiResCAMLib.engine.explain import explain_with_settings
+from SegHiResCAMLib.engine.explain import explain, explain_with_settings
 from SegHiResCAMLib.engine.memory import step_peak_bytes
 from SegHiResCAMLib.engine.prediction import predicted_mask
 from SegHiResCAMLib.engine.sliding_window import explain_windows, predict
@@ -28,7 +30,7 @@ from SegHiResCAMLib.evaluation.masking import masking_scores_on_volume
 from SegHiResCAMLib.evaluation.randomisation import execution_stages
 from SegHiResCAMLib.evaluation.scoring import RegionScorer
 from SegHiResCAMLib.models.card import ModelCard
-from SegHiResCAMLib.models.loading import LoadedModel
+from SegHiResCAMLib.models.loading import LoadedModel, load_model
 from SegHiResCAMLib.service import run_request
 from SegHiResCAMLib.settings import ExplainSettings
 from SegHiResCAMLib.volume import Volume
@@ -158,3 +160,24 @@ def test_the_prediction_behind_a_point_region_reads_the_output_the_settings_or_t
                                   expected)
     by_card = predicted_mask(_loaded(model, output_key="seg"), image, dataclasses.replace(settings, target_class="b"))
     np.testing.assert_array_equal(by_card, expected)
+
+
+def test_an_exported_program_returns_its_outputs_as_the_model_did_and_is_explained_in_memory_too(tmp_path):
+    model = _two_outputs()
+    image = blob((16, 16), seed=14)
+    roi = np.zeros((16, 16), bool)
+    roi[4:12, 5:11] = True
+    program = torch.export.export(model, (torch.from_numpy(image)[None],))
+    expected = explain(OnlySeg(model), image, layer="features", target_class=1, roi=roi, device="cpu")
+    assert expected.max() == 1.0
+    with pytest.raises(ModelError, match=r"2 outputs at the input's resolution \('edges' .*'seg' .*\)"):
+        explain(program, image, layer="features", target_class=1, roi=roi, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a program runs as exported: no training-mode warning
+        got = explain(program, image, layer="features", target_class=1, roi=roi, output_key="seg", device="cpu")
+    np.testing.assert_array_equal(got, expected)
+    path = tmp_path / "two.pt2"
+    torch.export.save(program, str(path))
+    (tmp_path / "two.json").write_text(json.dumps({"spatial_dims": 2, "output_key": "seg", "layers": ["features"],
+                                                   "class_names": ["a", "b", "c"]}))
+    np.testing.assert_array_equal(explain(load_model(path), image, target_class="b", roi=roi, device="cpu"), expected)

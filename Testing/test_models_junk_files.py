@@ -56,6 +56,19 @@ def test_an_empty_model_file_says_it_is_empty(tmp_path, card):
                           "save or copy it again")
 
 
+def test_a_pt2_of_random_bytes_empty_or_cut_short_is_named_as_such(tmp_path):
+    path = _write(tmp_path, "model.pt2", np.random.default_rng(1).bytes(4096), card=False)
+    assert str(_refusal(path)) == ("model.pt2 is not a file PyTorch wrote (not a torch.export archive); choose the file "
+                                   "written by torch.export.save")
+    path.write_bytes(b"")
+    assert str(_refusal(path)) == ("the model file model.pt2 is empty (0 bytes), so it was not saved or copied "
+                                   "completely; save or copy it again")
+    program = torch.export.export(UNet(spatial_dims=2, channels=(4, 8)).eval(), (torch.zeros(1, 1, 16, 16),))
+    torch.export.save(program, str(path))
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])  # a copy that stopped half-way
+    assert "model.pt2 is a damaged or incomplete archive" in str(_refusal(path))
+
+
 def test_a_text_file_is_named_a_text_file(tmp_path):
     error = _refusal(_write(tmp_path, "notes.txt", "weights are on the lab drive\n".encode(), card=False))
     assert str(error).startswith("notes.txt is a text file (it starts with 'weights are on the lab drive'), not a model")

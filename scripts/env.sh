@@ -11,6 +11,6 @@ stamp=.venv/.seghirescam-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
   python -m pip install --quiet --upgrade pip
   python -m pip install --quiet "torch==2.13.0"
-  python -m pip install --quiet -c constraints.txt -e ".[test,monai,nnunet]"
+  python -m pip install --quiet -c constraints.txt -e ".[test,monai,nnunet,cohort]"
   touch "$stamp"
 fi

@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "explain": "engine.explain",
     "explain_detailed": "engine.explain",
+    "explain_cohort": "cohort.runner",
     "explain_with_settings": "engine.explain",
     "ExplainSettings": "settings",
     "DisplaySettings": "settings",

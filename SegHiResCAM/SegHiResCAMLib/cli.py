@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import __version__, catalog
+from .cohort.command import add_batch_parser
 from .errors import InputError, InternalError, SegHiResCAMError, internal_error_line, one_line
 
 PROG = "seghirescam"
@@ -74,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="print the full traceback on errors")
-    commands = parser.add_subparsers(dest="command", metavar="{explain,layers,demo,evaluate}", parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", metavar="{explain,batch,layers,demo,evaluate}", parser_class=_Parser)
     commands.required = True
 
     explain = commands.add_parser(
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="also write an axial slice with the heatmap over the image (named like --out per method)")
     _add_device(explain)
     _add_trust(explain)
+    add_batch_parser(commands, explain)
 
     layers = commands.add_parser(
         "layers", help="list a model's layers with their output shapes",
@@ -194,17 +196,23 @@ def _point(args: argparse.Namespace, region_point: type):
     return region_point(tuple(args.point), **radius)
 
 
-def explain_request(args: argparse.Namespace):
-    """The worker request (paths + settings) that ``seghirescam explain`` runs."""
-    from .service import method_outputs
+def explain_settings(args: argparse.Namespace):
+    """The ExplainSettings of ``seghirescam explain`` (and ``batch``, which shares its options)."""
     from .settings import ExplainSettings, RegionPoint
-    from .worker.protocol import ExplainRequest
 
-    settings = ExplainSettings(
+    return ExplainSettings(
         target_class=_class_or_name(args.target_class), layers=tuple(args.layer or ()),
         methods=tuple(args.method or (catalog.DEFAULT_METHOD,)), target=args.target, target_threshold=args.threshold,
         device=args.device, slice_axis=args.slice_axis, region=args.region, point=_point(args, RegionPoint),
     )
+
+
+def explain_request(args: argparse.Namespace):
+    """The worker request (paths + settings) that ``seghirescam explain`` runs."""
+    from .service import method_outputs
+    from .worker.protocol import ExplainRequest
+
+    settings = explain_settings(args)
     roi_label = None if args.roi_label is None else _class_or_name(args.roi_label)
     return ExplainRequest(
         images=tuple(str(path) for path in args.image), model=str(args.model),
@@ -273,13 +281,22 @@ def run_demo_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_batch(args: argparse.Namespace) -> int:
+    from .cohort.command import run_batch_command
+
+    bar = ProgressBar(sys.stderr)
+    return run_batch_command(args, explain_settings(args), bar.update, bar.close, _print, _warn,
+                             lambda line: print(f"{PROG}: error: {line}", file=sys.stderr, flush=True))
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     from .evaluation.command import run
 
     return run(args)
 
 
-COMMANDS = {"explain": run_explain, "layers": run_layers, "demo": run_demo_command, "evaluate": run_evaluate}
+COMMANDS = {"explain": run_explain, "batch": run_batch, "layers": run_layers, "demo": run_demo_command,
+            "evaluate": run_evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:

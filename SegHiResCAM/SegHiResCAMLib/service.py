@@ -89,11 +89,13 @@ class LayersResult:
 
 
 def run_request(request: Request, progress: ProgressCallback | None = None,
-                warn: WarnCallback | None = None) -> ExplainResult | LayersResult:
+                warn: WarnCallback | None = None, *, model: Any = None) -> ExplainResult | LayersResult:
     """Run one request (:class:`ExplainRequest` or :class:`LayersRequest`).
 
     ``progress(fraction, message)`` follows the run (raise ``CancelledError`` from it to stop);
     ``warn(message)`` receives each distinct warning once, the library's ``warnings.warn`` too.
+    ``model``: the request's model already loaded (a ``LoadedModel`` of ``request.model`` with
+    ``request.trust_code``), so that a process explaining many cases loads it once; None loads it.
 
     Raises:
         SegHiResCAMError: a problem the user can fix (a one-sentence message), or an
@@ -105,7 +107,7 @@ def run_request(request: Request, progress: ProgressCallback | None = None,
         warnings.showwarning = lambda message, *args, **kwargs: relay(str(message))
         if isinstance(request, LayersRequest):
             return _list_layers(request)
-        return _explain(request, progress or (lambda fraction, message: None), relay)
+        return _explain(request, progress or (lambda fraction, message: None), relay, model)
 
 
 def method_outputs(out: str | Path, methods: Sequence[str]) -> tuple[Path, ...]:
@@ -137,7 +139,7 @@ def _step(stage: str) -> Iterator[None]:
         raise InternalError.during(stage, error) from error
 
 
-def _explain(request: ExplainRequest, progress: ProgressCallback, relay: WarnCallback) -> ExplainResult:
+def _explain(request: ExplainRequest, progress: ProgressCallback, relay: WarnCallback, model: Any) -> ExplainResult:
     from .io.channels import read_channels
     from .io.images import check_output_path, read_mask, write_image
     from .pipeline import explain_volume, settings_for_model
@@ -159,7 +161,7 @@ def _explain(request: ExplainRequest, progress: ProgressCallback, relay: WarnCal
         outputs = {method: check_output_path(path) for method, path in zip(settings.methods, request.outputs)}
     with _step("loading the model"):
         progress(0.0, f"loading the model {Path(request.model).name}")
-        loaded = load_model_for(request.model, trust_code=request.trust_code)
+        loaded = model if model is not None else load_model_for(request.model, trust_code=request.trust_code)
         _check_channels(loaded.card, image, len(request.images))
     with _step("explaining"):
         maps, explanation = explain_volume(loaded, image, settings, roi=roi, progress=progress)
@@ -186,12 +188,12 @@ def _check_channels(card, image: Volume, files: int) -> None:
 
 
 def _list_layers(request: LayersRequest) -> LayersResult:
-    from .engine.layers import list_layers
+    from .engine.layers import list_layers, probe_shape
 
     with _step("loading the model"):
         loaded = load_model_for(request.model, trust_code=request.trust_code)
     card = loaded.card
-    shape = card.example_shape(request.size)
+    shape = probe_shape(loaded.module, card.example_shape(request.size))
     with _step("listing the layers"):
         infos = list_layers(loaded.module, shape)
     return LayersResult(card.name, card.spatial_dims, card.class_names, card.layers, tuple(shape), tuple(infos),

@@ -131,8 +131,10 @@ def forward_bytes(model: nn.Module, probe: torch.Tensor) -> int:
 
 
 def fitting_count(model: nn.Module, probe: torch.Tensor, limit: int, factor: float = 1.0) -> int:
-    """How many samples like ``probe`` (at most ``limit``) fit the memory budget at once,
+    """How many samples like ``probe`` (at most ``limit``, and at most the model's ``batch_limit``
+    if it has one, as exported programs with a fixed batch size do) fit the memory budget at once,
     when each needs ``factor`` times its forward pass's outputs."""
+    limit = min(limit, getattr(model, "batch_limit", None) or limit)
     if limit <= 1:
         return 1
     per_sample = max(1, int(factor * forward_bytes(model, probe)))

@@ -1,9 +1,12 @@
-"""Models as users hold them: an ``nn.Module``, a TorchScript module, or a ``LoadedModel``.
+"""Models as users hold them: an ``nn.Module``, a TorchScript module, an exported program, or a
+``LoadedModel``.
 
 Every engine door that runs a model starts with :func:`held_model` (``engine.job.explain_samples``,
 so ``explain``, ``explain_detailed``, ``explain_with_settings`` and Kernel-Weighted Contribution;
-``masking_scores``; ``list_layers``; ``engine.sliding_window``'s ``predict`` and ``explain_windows``), so ``explain(torch.jit.load(path), ...)`` and
-``explain(load_model(path), ...)`` work like ``explain(module, ...)``.
+``masking_scores``; ``list_layers``; ``engine.prediction.predicted_mask``; ``engine.sliding_window``'s
+``predict`` and ``explain_windows``), so ``explain(torch.jit.load(path), ...)``,
+``explain(torch.export.load(path), ...)`` and ``explain(load_model(path), ...)`` work like
+``explain(module, ...)``.
 """
 
 from __future__ import annotations
@@ -59,8 +62,8 @@ class HeldModel:
 
 
 def held_model(model) -> HeldModel:
-    """The module to run for ``model``: itself, a TorchScript module wrapped for capture, or a
-    ``LoadedModel``'s module with its card.
+    """The module to run for ``model``: itself, a TorchScript module or an ``ExportedProgram``
+    (``torch.export.load``) wrapped for capture, or a ``LoadedModel``'s module with its card.
 
     A ``LoadedModel``'s card gives defaults only: the image is used as given, without the card's
     preprocessing (``pipeline.explain_volume`` applies that to volumes).
@@ -71,14 +74,18 @@ def held_model(model) -> HeldModel:
     card = None
     if not isinstance(model, nn.Module) and hasattr(model, "module") and hasattr(model, "card"):
         model, card = model.module, model.card  # a LoadedModel (duck-typed: the engine does not import models)
+    # The one place the engine reaches the models package: hooks do not fire on ScriptModules, and an
+    # ExportedProgram has no submodules; their adapters live with their loaders.
     if isinstance(model, torch.jit.ScriptModule):
-        # The one place the engine reaches the models package: hooks do not fire on ScriptModules,
-        # and the adapter that edits their graph lives with the TorchScript loader.
         from ..models.torchscript import ScriptedModel
 
         model = ScriptedModel(model)
+    elif isinstance(model, torch.export.ExportedProgram):
+        from ..models.exported import ExportedModel
+
+        model = ExportedModel(model)
     if not isinstance(model, nn.Module):
         raise ModelError(f"the model is a {type(model).__name__}; give a torch.nn.Module, a TorchScript module "
-                         "(torch.jit.load) or a model from load_model")
+                         "(torch.jit.load), an exported program (torch.export.load) or a model from load_model")
     note = training_mode_warning(model)
     return HeldModel(model, card, (note,) if note else ())

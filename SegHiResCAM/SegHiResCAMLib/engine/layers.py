@@ -31,12 +31,20 @@ class LayerInfo:
     unusable: str | None = None
 
 
+def probe_shape(model: nn.Module, example_shape: Sequence[int]) -> tuple[int, ...]:
+    """``example_shape``, with the sizes a model accepts only one value for (an exported program's
+    fixed axes, from its ``accepted_shape``) put in."""
+    accepted = getattr(model, "accepted_shape", None)
+    return tuple(accepted(example_shape)) if accepted is not None else tuple(example_shape)
+
+
 def list_layers(model, example_shape: Sequence[int]) -> list[LayerInfo]:
     """Every named submodule with the shape of its output, marking those that cannot be explained.
 
-    One no-grad forward pass runs on zeros of ``example_shape`` (with batch, e.g. ``(1, 1, 64, 64, 64)``),
-    with the model in its owner's inference mode (see ``engine.device.prepared_model``).
-    ``model`` may also be a TorchScript module or a ``LoadedModel``, as for ``explain``.
+    One no-grad forward pass runs on zeros of ``example_shape`` (with batch, e.g. ``(1, 1, 64, 64, 64)``;
+    see :func:`probe_shape`), with the model in its owner's inference mode (see
+    ``engine.device.prepared_model``). ``model`` may also be a TorchScript module or a ``LoadedModel``,
+    as for ``explain``.
     """
     held = held_model(model)
     model = held.module
@@ -44,7 +52,8 @@ def list_layers(model, example_shape: Sequence[int]) -> list[LayerInfo]:
         warnings.warn(message, RuntimeWarning, stacklevel=2)
     device = model_device(model)
     floating = [t.dtype for t in list(model.parameters()) + list(model.buffers()) if t.dtype.is_floating_point]
-    example = torch.zeros(tuple(example_shape), device=device, dtype=floating[0] if floating else torch.float32)
+    example = torch.zeros(probe_shape(model, example_shape), device=device,
+                          dtype=floating[0] if floating else torch.float32)
     if hasattr(model, "forward_capturing"):
         return _list_scripted(model, example, device)
     shapes: dict[str, tuple[int, ...] | None] = {}
@@ -69,8 +78,9 @@ def list_layers(model, example_shape: Sequence[int]) -> list[LayerInfo]:
     finally:
         for handle in handles:
             handle.remove()
-    return [LayerInfo(name, type(module).__name__, shapes.get(name), _why_unusable(calls.get(name, 0),
-                                                                                     returned.get(name)))
+    # Stand-ins of exported programs carry the original class name.
+    return [LayerInfo(name, getattr(module, "original_name", type(module).__name__), shapes.get(name),
+                      _why_unusable(calls.get(name, 0), returned.get(name)))
             for name, module in modules]
 
 

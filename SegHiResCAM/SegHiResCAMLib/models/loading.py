@@ -4,6 +4,7 @@ Supported (``load_model`` tells them apart by what is on disk):
 
 | what the path is | kind |
 | --- | --- |
+| ``torch.export`` archive (``.pt2``, ``torch.export.save``) | ``exported-program`` |
 | TorchScript file (``torch.jit.script``/``trace``; MONAI's ``model.ts``) | ``torchscript`` |
 | state dict + model card ``<stem>.json``/``model.json`` naming the network | ``state-dict`` |
 | state dict + bare network spec ``{"name": "UNet", "args": {...}}`` (MONAI nets) | ``monai-network`` |
@@ -11,7 +12,8 @@ Supported (``load_model`` tells them apart by what is on disk):
 | nnU-Net v2 results folder, fold folder or ``checkpoint_final.pth`` | ``nnunet`` |
 | Python file defining ``build_model()`` + ``<stem>.pth`` (needs ``trust_code``) | ``python`` |
 
-Loading never unpickles arbitrary objects: ``torch.load(..., weights_only=True)``. A card
+Loading never unpickles arbitrary objects: ``torch.load(..., weights_only=True)``, and ``.pt2``
+archives are checked before ``torch.export.load`` reads them (``exported_archive``). A card
 JSON beside a model (``<stem>.json``, or ``model.json`` in its folder) overrides, key by key,
 what the loader read from the bundle, plans or network.
 """
@@ -120,6 +122,18 @@ def _load_torchscript(source: Path) -> LoadedModel:
     return LoadedModel(module=module.eval(), card=card, source=source, kind="torchscript")
 
 
+def _load_exported(source: Path) -> LoadedModel:
+    from .exported import card_defaults, fit_card, load_exported
+
+    module = load_exported(source)
+    card = fit_card(module, _with_card_beside(ModelCard(name=source.stem, **card_defaults(module)), source))
+    if card.train_mode_modules:
+        # A program's graph fixed each module's mode at export; setting flags on its stand-ins would change nothing.
+        raise ModelError(f"model card: train_mode_modules cannot apply to the exported program {source.name}, which "
+                         "runs as it was exported; remove the entry, or use the TorchScript or Python model")
+    return LoadedModel(module=module.eval(), card=card, source=source, kind="exported-program")
+
+
 def _load_bundle(folder: Path, trust_code: bool) -> LoadedModel:
     from . import monai_models
 
@@ -199,6 +213,7 @@ def set_train_mode_modules(module: nn.Module, patterns: Sequence[str]) -> None:
 
 def _load_any(source: Path, trust_code: bool) -> LoadedModel:
     from . import monai_models, nnunet
+    from .exported_archive import is_exported_program_file
     from .model_file import model_file_kind
 
     if not source.exists():
@@ -216,6 +231,8 @@ def _load_any(source: Path, trust_code: bool) -> LoadedModel:
         )
     if source.suffix == ".py":
         return _load_python(source, trust_code)
+    if source.suffix == ".pt2" or is_exported_program_file(source):
+        return _load_exported(source)  # checked by exported_archive before torch reads it
     if source.suffix == ".json":
         _read_json(source)
         weights = next((source.with_suffix(s) for s in (".pth", ".pt") if source.with_suffix(s).is_file()), None)

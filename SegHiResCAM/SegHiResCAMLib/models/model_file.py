@@ -24,6 +24,7 @@ from ..errors import ModelError, UnsafeModelError
 # torch.save's legacy (pre-1.6) format starts with a pickled magic number; five pickles precede its raw storages.
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 _LEGACY_PICKLES = 5
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 _IMAGE_ADVICE = ("choose it as the image, and as the model a .pt/.pth/.ts file (or a MONAI bundle or nnU-Net "
                  "results folder)")
 
@@ -34,20 +35,40 @@ def model_file_kind(path: Path) -> str:
     Raises:
         ModelError: the file is empty, damaged, or something else (an image, text, another archive).
     """
-    name = path.name
+    head = _head(path)
+    if head.startswith(_ZIP_MAGIC):
+        return _zip_kind(path)
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pickle"
+    raise ModelError(f"{path.name} {_what_else(path, head)}")
+
+
+def check_export_archive_bytes(path: Path) -> None:
+    """Refuse a file given as a ``torch.export`` archive (``.pt2``) that is empty, damaged or another
+    kind of file, saying what it is (the archive's contents are checked by ``exported_archive``).
+
+    Raises:
+        ModelError: the file is empty, not a zip archive (an image, text, random bytes) or a cut-short one.
+    """
+    head = _head(path)
+    if not head.startswith(_ZIP_MAGIC):
+        raise ModelError(f"{path.name} {_what_else(path, head, export_archive=True)}")
+    if not zipfile.is_zipfile(path):
+        raise ModelError(f"{path.name} is a damaged or incomplete archive (its end is missing, e.g. a copy or "
+                         "download that stopped early); copy or save it again")
+
+
+def _head(path: Path) -> bytes:
+    """The file's first bytes; an unreadable or empty file is refused."""
     try:
         with open(path, "rb") as stream:
             head = stream.read(512)
     except OSError as error:
         raise ModelError(f"cannot read the model file {path}: {error.strerror or error}") from error
     if not head:
-        raise ModelError(f"the model file {name} is empty (0 bytes), so it was not saved or copied completely; "
+        raise ModelError(f"the model file {path.name} is empty (0 bytes), so it was not saved or copied completely; "
                          "save or copy it again")
-    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
-        return _zip_kind(path)
-    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-        return "pickle"
-    raise ModelError(f"{name} {_what_else(path, head)}")
+    return head
 
 
 def _zip_kind(path: Path) -> str:
@@ -69,8 +90,9 @@ def _zip_kind(path: Path) -> str:
                      "model file or folder inside")
 
 
-def _what_else(path: Path, head: bytes) -> str:
-    """What a file that is no PyTorch file is, as the rest of a sentence."""
+def _what_else(path: Path, head: bytes, export_archive: bool = False) -> str:
+    """What a file that is no PyTorch file is, as the rest of a sentence (``export_archive``: it was
+    given as a ``.pt2``)."""
     if head.startswith(b"\x1f\x8b"):
         try:
             with gzip.open(path, "rb") as stream:
@@ -94,8 +116,11 @@ def _what_else(path: Path, head: bytes) -> str:
     text = _as_text(head)
     if text is not None:
         first = text.strip().splitlines()[0][:40] if text.strip() else ""
-        return (f"is a text file (it starts with {first!r}), not a model; choose the file written by torch.save or "
-                "torch.jit.save")
+        wanted, writer = (("a torch.export archive", "torch.export.save") if export_archive
+                          else ("a model", "torch.save or torch.jit.save"))
+        return f"is a text file (it starts with {first!r}), not {wanted}; choose the file written by {writer}"
+    if export_archive:
+        return "is not a file PyTorch wrote (not a torch.export archive); choose the file written by torch.export.save"
     return ("is not a file PyTorch wrote (neither a TorchScript archive nor a torch.save file); choose the file "
             "written by torch.save(model.state_dict(), path) or torch.jit.save")
 
