@@ -164,6 +164,7 @@ class OnlySeg(nn.Module):
     def __init__(self, source: TwoOutputs) -> None:
         super().__init__()
         self.features, self.seg = source.features, source.seg
+        self.training = source.training  # in the source's mode, as the owner would run it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.seg(torch.relu(self.features(x)))
