@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from tiny_models import save_tiny_unet, write_oblique_image
+from tolerances import geometry_atol
 
 from SegHiResCAMLib.cli import ProgressBar, main
 from SegHiResCAMLib.io.images import read_image, read_mask
@@ -59,11 +60,11 @@ def test_heatmap_read_back_has_the_input_origin_spacing_and_direction(files, cap
     assert f"wrote {out}" in stdout
     source, written = sitk.ReadImage(str(folder / f"t1{in_suffix}")), sitk.ReadImage(str(out))
     assert written.GetSize() == source.GetSize()
-    np.testing.assert_allclose(written.GetOrigin(), source.GetOrigin(), atol=1e-6)
-    np.testing.assert_allclose(written.GetSpacing(), source.GetSpacing(), atol=1e-6)
-    np.testing.assert_allclose(written.GetDirection(), source.GetDirection(), atol=1e-6)
+    stored = np.float32 if ".nii" in in_suffix + out_suffix else np.float64  # NIfTI keeps float32 geometry
+    for get in (sitk.Image.GetOrigin, sitk.Image.GetSpacing, sitk.Image.GetDirection):
+        np.testing.assert_allclose(get(written), get(source), rtol=0, atol=geometry_atol(get(source), stored))
     heat = sitk.GetArrayFromImage(written)
-    assert heat.dtype == np.float32 and heat.min() >= 0 and heat.max() == pytest.approx(1.0)
+    assert heat.dtype == np.float32 and heat.min() >= 0 and heat.max() == 1.0  # the maximum divided by itself
 
 
 def test_roi_segment_by_name_and_class_by_name_give_the_same_map_as_the_library(files, capsys):
@@ -76,7 +77,8 @@ def test_roi_segment_by_name_and_class_by_name_give_the_same_map_as_the_library(
     image = read_image(folder / "t1.nrrd")
     maps, _ = explain_volume(load_model(model), image, target_class=2, methods=("seg-grad-cam",),
                              roi=read_mask(folder / "brain.seg.nrrd", image, label=2))
-    np.testing.assert_allclose(sitk.GetArrayFromImage(sitk.ReadImage(str(out))), maps["seg-grad-cam"].array, atol=1e-6)
+    # exact: the command line runs the same code on the same values in this process, and writes float32
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out))), maps["seg-grad-cam"].array)
 
 
 def test_png_overlay_is_written(files, capsys):

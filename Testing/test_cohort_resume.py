@@ -61,6 +61,18 @@ def events(out: Path, case: str, kind: str) -> list[dict]:
     return [line for line in read_attempts(out, case) if line["event"] == kind]
 
 
+def region_voxels_inside(region_file: Path, image_file: Path) -> int:
+    """How many voxels of a region file fall inside an image's box, mapped through physical space."""
+    region, image = sitk.ReadImage(str(region_file)), sitk.ReadImage(str(image_file))
+    count = 0
+    for k, j, i in np.argwhere(sitk.GetArrayFromImage(region) > 0):
+        index = image.TransformPhysicalPointToContinuousIndex(region.TransformIndexToPhysicalPoint((int(i), int(j), int(k))))
+        rounded = np.rint(index)
+        assert np.abs(np.asarray(index) - rounded).max() < 1e-6  # the same lattice, up to float64 geometry
+        count += bool(np.all(rounded >= 0) and np.all(rounded < np.asarray(image.GetSize())))
+    return count
+
+
 def heatmap(path: Path) -> sitk.Image:
     return sitk.ReadImage(str(path))
 
@@ -131,7 +143,10 @@ def test_a_half_written_or_changed_case_is_redone_and_nothing_else(cohort, tmp_p
         writer.writerows({**row, "image": str(table.parent / row["image"]),
                           "roi": str(table.parent / row["roi"]) if row["roi"] else ""} for row in rows)
     third = {row.case: row for row in rerun(changed, out)}
-    assert third["c02"].status == "ok" and "resampled onto the image's grid" in " ".join(third["c02"].warnings)
+    # c01's region lies on the same voxel lattice as c02's crop, shifted: it is placed voxel for voxel
+    # (no resampling, no warning), so its size in c02 is the count of c01's region voxels inside c02's box.
+    assert third["c02"].status == "ok" and "resampled" not in " ".join(third["c02"].warnings)
+    assert third["c02"].roi_voxels == region_voxels_inside(table.parent / "c01_wm.nrrd", table.parent / rows[1]["image"])
     assert json.loads((out / "c02" / MANIFEST_FILE).read_text())["inputs"]["roi"] == str(table.parent / "c01_wm.nrrd")
     assert [len(events(out, case, "started")) for case in ("c01", "c02", "c04")] == [2, 3, 2]
 

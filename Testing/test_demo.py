@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from tiny_models import save_tiny_unet
+from tolerances import geometry_atol
 
 from SegHiResCAMLib.cli import main
 from SegHiResCAMLib.demo_run import DATA_DIR, T1_FILE, WHITE_MATTER_FILE, central_block, share_inside
@@ -50,11 +51,11 @@ def demo_run(data_dir, tmp_path_factory):
 
 
 def assert_same_geometry(path: Path, reference: sitk.Image) -> None:
+    """Exact: the demo writes every file from one IJK-to-RAS matrix, through the same code, as NRRD text."""
     image = sitk.ReadImage(str(path))
     assert image.GetSize() == reference.GetSize()
-    np.testing.assert_allclose(image.GetOrigin(), reference.GetOrigin(), atol=1e-6)
-    np.testing.assert_allclose(image.GetSpacing(), reference.GetSpacing(), atol=1e-6)
-    np.testing.assert_allclose(image.GetDirection(), reference.GetDirection(), atol=1e-6)
+    assert image.GetOrigin() == reference.GetOrigin() and image.GetSpacing() == reference.GetSpacing()
+    assert image.GetDirection() == reference.GetDirection()
 
 
 def test_demo_writes_a_heatmap_per_model_and_method_on_the_t1_grid(demo_run, data_dir):
@@ -67,8 +68,11 @@ def test_demo_writes_a_heatmap_per_model_and_method_on_the_t1_grid(demo_run, dat
     starts = [(n - SIZE) // 2 for n in whole.spatial_shape]
     expected = whole.array[starts[0]:starts[0] + SIZE, starts[1]:starts[1] + SIZE, starts[2]:starts[2] + SIZE]
     np.testing.assert_array_equal(sitk.GetArrayFromImage(t1), expected)
-    corner_ras = whole.ijk_to_ras @ np.array([*starts[::-1], 1.0])
-    np.testing.assert_allclose(np.array(t1.GetOrigin()) * [-1, -1, 1], corner_ras[:3], atol=1e-6)
+    corner = np.array([*starts[::-1], 1.0])
+    corner_ras = whole.ijk_to_ras @ corner
+    # the block's matrix is the T1's times a shift (4-term sums in float64), written as NRRD text and read
+    np.testing.assert_allclose(np.array(t1.GetOrigin()) * [-1, -1, 1], corner_ras[:3], rtol=0,
+                               atol=geometry_atol(np.abs(whole.ijk_to_ras) @ np.abs(corner)))
     for model in ("demo_unet3d", "demo_unet2d"):
         for method in METHODS:
             heat_path = out / f"{model}_{method}.nrrd"
@@ -129,13 +133,14 @@ def test_central_block_keeps_every_voxel_at_its_ras_position():
     starts = np.array([(9 - 4) // 2, (12 - 4) // 2, (7 - 4) // 2])  # K, J, I
     for k, j, i in [(0, 0, 0), (3, 2, 1), (1, 3, 3)]:
         assert block.array[k, j, i] == volume.array[k + starts[0], j + starts[1], i + starts[2]]
-        np.testing.assert_allclose(block.ijk_to_ras @ [i, j, k, 1],
-                                   volume.ijk_to_ras @ [i + starts[2], j + starts[1], k + starts[0], 1])
+        # exact: dyadic matrix entries times small whole numbers, summed: no rounding anywhere
+        np.testing.assert_array_equal(block.ijk_to_ras @ [i, j, k, 1],
+                                      volume.ijk_to_ras @ [i + starts[2], j + starts[1], k + starts[0], 1])
     assert central_block(volume, 100).spatial_shape == volume.spatial_shape
 
 
 def test_share_inside_is_the_fraction_of_the_map_in_the_roi():
     heat = np.array([[[1.0, 3.0], [0.0, 0.0]]], np.float32)
     roi = np.array([[[True, False], [False, False]]])
-    assert share_inside(heat, roi) == pytest.approx(0.25)
+    assert share_inside(heat, roi) == 0.25  # exact: 1 / (1 + 3)
     assert share_inside(np.zeros_like(heat), roi) is None and share_inside(heat, None) is None

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from SegHiResCAMLib import explain, explain_detailed, kernel_weighted_contribution, list_layers, masking_scores
-from SegHiResCAMLib.errors import ModelError
+from SegHiResCAMLib.errors import ModelError, SegHiResCAMWarning
 from SegHiResCAMLib.models.loading import load_model
 
 from owner_nets import hd_bet_like
@@ -104,7 +104,7 @@ def test_a_model_wholly_in_training_mode_runs_in_eval_mode_with_a_warning_and_is
     expected = explain_detailed(copy.deepcopy(model).eval(), image, layer=LAYER, target_class=1, device="cpu")
     np.testing.assert_array_equal(result.heatmap, expected.heatmap)
     _assert_left_as_found(model, before)
-    with pytest.warns(RuntimeWarning, match="was in training mode"):
+    with pytest.warns(SegHiResCAMWarning, match="was in training mode"):
         list_layers(model, (1, 1, *SHAPE))
     _assert_left_as_found(model, before)
 

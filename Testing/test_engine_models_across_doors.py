@@ -25,7 +25,7 @@ from SegHiResCAMLib.engine.explain import explain, explain_with_settings
 from SegHiResCAMLib.engine.memory import step_peak_bytes
 from SegHiResCAMLib.engine.prediction import predicted_mask
 from SegHiResCAMLib.engine.sliding_window import explain_windows, predict
-from SegHiResCAMLib.errors import ModelError
+from SegHiResCAMLib.errors import ModelError, SegHiResCAMWarning
 from SegHiResCAMLib.evaluation.masking import masking_scores_on_volume
 from SegHiResCAMLib.evaluation.randomisation import execution_stages
 from SegHiResCAMLib.evaluation.scoring import RegionScorer
@@ -139,7 +139,7 @@ def test_sliding_windows_run_a_model_wholly_in_training_mode_in_eval_mode_and_sa
     assert result.warnings[0].startswith("the model was in training mode, so it ran in evaluation mode")
     np.testing.assert_array_equal(result.heatmap, explain_windows(model.eval(), image, **kwargs).heatmap)
     model.train()
-    with pytest.warns(RuntimeWarning, match="was in training mode"):
+    with pytest.warns(SegHiResCAMWarning, match="was in training mode"):
         predict(model, image, device="cpu")
     assert all(module.training for module in model.modules())
     assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())

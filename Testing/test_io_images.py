@@ -9,6 +9,7 @@ import SimpleITK as sitk
 from SegHiResCAMLib.errors import InputError
 from SegHiResCAMLib.io.images import check_output_path, read_image, read_mask, same_grid, write_image
 from SegHiResCAMLib.volume import Volume
+from tolerances import geometry_atol
 
 ORIGIN = (-12.5, 30.25, 7.0)
 SPACING = (0.7, 1.3, 2.9)
@@ -31,11 +32,11 @@ def make_image(shape=(6, 7, 8), dtype=np.float32, seed=0) -> sitk.Image:
     return image
 
 
-def assert_same_itk_geometry(a: sitk.Image, b: sitk.Image, tol: float = 1e-6) -> None:
+def assert_same_itk_geometry(a: sitk.Image, b: sitk.Image, stored=np.float64) -> None:
+    """Same grid, to the rounding of the geometry as stored (float64 NRRD text, float32 NIfTI)."""
     assert a.GetSize() == b.GetSize()
-    np.testing.assert_allclose(a.GetOrigin(), b.GetOrigin(), atol=tol)
-    np.testing.assert_allclose(a.GetSpacing(), b.GetSpacing(), atol=tol)
-    np.testing.assert_allclose(a.GetDirection(), b.GetDirection(), atol=tol)
+    for get in (sitk.Image.GetOrigin, sitk.Image.GetSpacing, sitk.Image.GetDirection):
+        np.testing.assert_allclose(get(a), get(b), rtol=0, atol=geometry_atol(get(b), stored))
 
 
 @pytest.mark.parametrize("suffix", [".nrrd", ".nii.gz"])
@@ -48,7 +49,9 @@ def test_read_image_maps_every_voxel_to_the_itk_physical_point_in_ras(tmp_path, 
     for ijk in [(0, 0, 0), (7, 0, 0), (0, 6, 0), (0, 0, 5), (3, 4, 2)]:
         lps = np.array(stored.TransformIndexToPhysicalPoint(ijk))
         ras = volume.ijk_to_ras @ np.array([*ijk, 1.0])
-        np.testing.assert_allclose(ras[:3], lps * [-1, -1, 1], atol=1e-9)
+        # ITK and our matrix place the voxel with the same float64 products, in other orders
+        np.testing.assert_allclose(ras[:3], lps * [-1, -1, 1], rtol=0,
+                                   atol=geometry_atol(np.abs(volume.ijk_to_ras) @ np.abs([*ijk, 1.0])))
 
 
 @pytest.mark.parametrize("suffix", [".nrrd", ".nii.gz", ".nii"])
@@ -59,7 +62,7 @@ def test_written_image_has_the_input_origin_spacing_and_direction(tmp_path, suff
     heat = volume.with_array(np.linspace(0, 1, volume.array.size, dtype=np.float32).reshape(volume.array.shape))
     written = write_image(heat, tmp_path / f"heat{suffix}")
     back = sitk.ReadImage(str(written))
-    assert_same_itk_geometry(back, sitk.ReadImage(str(source)))
+    assert_same_itk_geometry(back, sitk.ReadImage(str(source)), np.float32 if ".nii" in suffix else np.float64)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back), heat.array)
     assert back.GetPixelID() == sitk.sitkFloat32
 
@@ -72,7 +75,7 @@ def test_write_then_read_is_the_identity_on_array_and_matrix(tmp_path):
     volume = Volume(np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6), matrix)
     back = read_image(write_image(volume, tmp_path / "v.nrrd"))
     np.testing.assert_array_equal(back.array, volume.array)
-    np.testing.assert_allclose(back.ijk_to_ras, matrix, atol=1e-9)
+    np.testing.assert_allclose(back.ijk_to_ras, matrix, rtol=0, atol=geometry_atol(matrix))  # NRRD: float64
 
 
 def test_missing_file_is_an_input_error_that_names_it(tmp_path):
@@ -143,8 +146,11 @@ def test_dicom_series_folder_is_read_as_one_volume(tmp_path):
     volume = read_image(tmp_path / "series")
     assert volume.array.shape == (5, 6, 7)
     np.testing.assert_array_equal(volume.array, sitk.GetArrayFromImage(image))
-    np.testing.assert_allclose(volume.origin_ras, np.array(ORIGIN) * [-1, -1, 1], atol=1e-4)
-    np.testing.assert_allclose(volume.spacing, SPACING, atol=1e-4)
+    # the series stores positions and spacings as decimal text with 6 decimals (write_dicom_series):
+    # each within 0.5e-6, a spacing taken between two positions within 1e-6
+    np.testing.assert_allclose(volume.origin_ras, np.array(ORIGIN) * [-1, -1, 1], rtol=0,
+                               atol=0.5e-6 + geometry_atol(ORIGIN))
+    np.testing.assert_allclose(volume.spacing, SPACING, rtol=0, atol=1e-6 + geometry_atol(ORIGIN))
 
 
 def test_folder_without_dicom_is_an_input_error(tmp_path):

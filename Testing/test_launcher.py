@@ -22,6 +22,7 @@ from SegHiResCAMLib.settings import ExplainSettings
 from SegHiResCAMLib.volume import Volume
 from SegHiResCAMLib.worker.launcher import WorkerProcess
 from SegHiResCAMLib.worker.protocol import ExplainRequest
+from tolerances import geometry_atol
 
 # Every test here starts a fresh Python + torch process: the slow half of the suite.
 pytestmark = pytest.mark.process
@@ -77,7 +78,7 @@ def test_worker_streams_progress_then_one_result_with_a_heatmap_file(tmp_path):
         result = events[-1]
         assert Path(result["output"]) == output and result["device"] == "cpu" and result["seconds"] > 0
         heatmap = read_image(output)
-        np.testing.assert_allclose(heatmap.ijk_to_ras, IJK_TO_RAS, atol=1e-6)
+        np.testing.assert_allclose(heatmap.ijk_to_ras, IJK_TO_RAS, rtol=0, atol=geometry_atol(IJK_TO_RAS))  # NRRD
         assert heatmap.array.shape == (32, 32, 32)
         assert worker.returncode == 0 and worker.finished
         temp_dir = worker.temp_dir

@@ -22,6 +22,7 @@ import pytest
 import torch
 from engine_nets import LocalNet, inplace_unet, unet
 from model_kinds import blob_image
+from tolerances import geometry_atol
 from torch import nn
 
 from SegHiResCAMLib import explain, explain_detailed, list_layers
@@ -617,7 +618,7 @@ def test_command_line_lists_and_explains_a_pt2_like_its_eager_module(exported_un
     eager_loaded = LoadedModel(module=eager, card=loaded.card, source=loaded.source, kind="state-dict")
     maps, _ = explain_volume(eager_loaded, volume, target_class=1, methods=("seg-grad-cam",), device="cpu")
     heat = read_image(out)
-    np.testing.assert_allclose(heat.ijk_to_ras, volume.ijk_to_ras, atol=1e-6)
+    np.testing.assert_allclose(heat.ijk_to_ras, volume.ijk_to_ras, rtol=0, atol=geometry_atol(volume.ijk_to_ras))  # NRRD
     assert maps["seg-grad-cam"].array.max() > 0
     np.testing.assert_allclose(heat.array, maps["seg-grad-cam"].array, rtol=0, atol=ATOL_MAP)
 

@@ -26,7 +26,8 @@ def _assert_explains_like(loaded_module, model, shape=(16, 16, 16)):
         expected = explain(model, image, layer=LAYER, target_class=1, method=method, device="cpu")
         got = explain(loaded_module, image, layer=LAYER, target_class=1, method=method, device="cpu")
         assert expected.max() > 0
-        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+        # exact: the bundle builds the same MONAI class with the same weights, so the same kernels run
+        np.testing.assert_array_equal(got, expected)
 
 
 def test_bundle_with_state_dict_loads_and_explains_identically(tmp_path):

@@ -18,6 +18,7 @@ from SegHiResCAMLib.mrml.volumes import (  # noqa: E402
     write_volume_node,
 )
 from SegHiResCAMLib.volume import LPS_TO_RAS, Volume  # noqa: E402
+from tolerances import geometry_atol  # noqa: E402
 
 
 @pytest.fixture
@@ -38,7 +39,9 @@ def test_volume_from_node_gives_kji_array_and_ijk_to_ras(scene):
     # KJI: I (fastest in VTK memory) is the last numpy axis.
     assert node.GetImageData().GetDimensions() == (7, 6, 5)
     assert node.GetImageData().GetScalarComponentAsDouble(3, 2, 1, 0) == array[1, 2, 3]
-    np.testing.assert_allclose(volume.ijk_to_ras, oblique_ijk_to_ras(), atol=1e-12)
+    # the node splits the matrix into origin, spacing and directions (float64) and rebuilds it
+    np.testing.assert_allclose(volume.ijk_to_ras, oblique_ijk_to_ras(), rtol=0,
+                               atol=geometry_atol(oblique_ijk_to_ras()))
 
 
 def test_volume_from_node_returns_a_copy(scene):
@@ -58,7 +61,11 @@ def test_returned_matrix_inverts_slicer_ras_to_ijk(scene):
     node.GetRASToIJKMatrix(ras_to_ijk)
     for ijk in [(0, 0, 0), (6, 5, 4), (2, 3, 1)]:
         ras = ijk_to_ras @ np.array([*ijk, 1.0])
-        np.testing.assert_allclose(ras_to_ijk.MultiplyPoint(list(ras))[:3], ijk, atol=1e-9)
+        # an inverted float64 matrix times a point: within a few roundings of the RAS magnitudes, scaled back
+        # to voxels by the inverse's norm (at most 1 / the smallest spacing, 0.7 mm)
+        bound = geometry_atol(np.abs(ijk_to_ras) @ np.abs([*ijk, 1.0])) * np.linalg.norm(
+            np.linalg.inv(ijk_to_ras[:3, :3]), 2)
+        np.testing.assert_allclose(ras_to_ijk.MultiplyPoint(list(ras))[:3], ijk, rtol=0, atol=bound)
 
 
 @pytest.mark.parametrize("extension", [".nrrd", ".nii.gz", ".nii"])
@@ -71,7 +78,9 @@ def test_oblique_geometry_round_trips_node_volume_node_file_node(scene, tmp_path
     path = write_volume_node(copy, tmp_path / f"image{extension}")
     loaded = read_volume_node(scene, path)
     result = volume_from_node(loaded)
-    np.testing.assert_allclose(result.ijk_to_ras, oblique_ijk_to_ras(), atol=1e-6)
+    stored = np.float32 if ".nii" in extension else np.float64  # NIfTI keeps float32 geometry
+    np.testing.assert_allclose(result.ijk_to_ras, oblique_ijk_to_ras(), rtol=0,
+                               atol=geometry_atol(oblique_ijk_to_ras(), stored))
     np.testing.assert_array_equal(result.array, array)
     assert result.array.dtype == np.float32
     assert loaded.GetName() == "image"
@@ -91,7 +100,10 @@ def test_written_file_has_the_same_geometry_for_simpleitk(scene, tmp_path, exten
     for ijk in [(0, 0, 0), (6, 5, 4), (1, 4, 2)]:
         lps = np.array(image.TransformIndexToPhysicalPoint(ijk))
         ras = (LPS_TO_RAS @ np.array([*lps, 1.0]))[:3]
-        np.testing.assert_allclose(ras, (oblique_ijk_to_ras() @ np.array([*ijk, 1.0]))[:3], atol=1e-4)
+        stored = np.float32 if ".nii" in extension else np.float64
+        magnitude = np.abs(oblique_ijk_to_ras()) @ np.abs([*ijk, 1.0])
+        np.testing.assert_allclose(ras, (oblique_ijk_to_ras() @ np.array([*ijk, 1.0]))[:3], rtol=0,
+                                   atol=geometry_atol(magnitude, stored))
 
 
 def test_update_node_from_volume_replaces_voxels_and_geometry_in_place(scene):
@@ -103,7 +115,8 @@ def test_update_node_from_volume_replaces_voxels_and_geometry_in_place(scene):
     result = volume_from_node(node)
     np.testing.assert_array_equal(result.array, new_array)
     assert result.array.dtype == np.int16
-    np.testing.assert_allclose(result.ijk_to_ras, oblique_ijk_to_ras(), atol=1e-12)
+    np.testing.assert_allclose(result.ijk_to_ras, oblique_ijk_to_ras(), rtol=0,
+                               atol=geometry_atol(oblique_ijk_to_ras()))
     assert node.GetDisplayNodeID() == display_id
     assert node_ids(scene) == ids
 

@@ -10,6 +10,7 @@ status 1 (2 for usage).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import traceback
@@ -19,6 +20,7 @@ from typing import Any, TextIO
 from . import __version__, catalog
 from .cohort.command import add_batch_parser
 from .errors import InputError, InternalError, SegHiResCAMError, internal_error_line, one_line
+from .warning_relay import debug_log_to, distinct, relayed_warnings
 
 PROG = "seghirescam"
 #: How a user reports an internal error of the command line.
@@ -225,6 +227,14 @@ def run_explain(args: argparse.Namespace) -> int:
     from .service import method_outputs, run_request
 
     request = explain_request(args)
+    if args.png:  # checked with the heatmap files, before any reading or loading
+        from .io.outputs import PICTURE_SUFFIXES, check_distinct_outputs, check_output_file
+        from .service import inputs_of
+
+        pictures = method_outputs(args.png, request.settings.methods)
+        for picture in pictures:
+            check_output_file(picture, inputs=inputs_of(request), suffixes=PICTURE_SUFFIXES, kind="picture")
+        check_distinct_outputs([*request.outputs, *pictures])
     bar = ProgressBar(sys.stderr)
     try:
         result = run_request(request, progress=bar.update, warn=lambda message: (bar.close(), _warn(message)))
@@ -304,7 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        # Only SegHiResCAM's own warnings reach the user; --debug also shows what other libraries warned about.
+        with debug_log_to(sys.stderr, PROG) if args.debug else contextlib.nullcontext(), \
+                relayed_warnings(distinct(_warn)):
+            return COMMANDS[args.command](args)
     except InternalError as error:
         return _report_error(args, internal_error_line(error, REPORT_ADVICE))
     except SegHiResCAMError as error:

@@ -73,14 +73,10 @@ def _demo_files(data_dir: Path, quick: bool) -> list[tuple[str, str, Path]]:
 
 
 def _write_inputs(data: Path, out_dir: Path, size: int | None):
-    """The T1 and the white-matter region (cropped to the central block), written into ``out_dir``:
-    ``(image, roi, image_path, roi_path)``; the region is None when the data has none."""
+    """The T1 and the white-matter region (cropped to the central block), written into ``out_dir``
+    (an existing folder): ``(image, roi, image_path, roi_path)``; the region is None when the data has none."""
     from .io.images import read_image, read_mask, write_image
 
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise InputError(f"cannot create the output folder {out_dir}: {error.strerror or error}") from error
     image = read_image(data / T1_FILE)
     roi = read_mask(data / WHITE_MATTER_FILE, image, label=1) if (data / WHITE_MATTER_FILE).is_file() else None
     if size is not None:
@@ -110,7 +106,7 @@ def run_demo(
     """Run the demo and return the text to print (where the files are, what to look at).
 
     Args:
-        out_dir: output folder (created).
+        out_dir: output folder (created; its files appear only when the whole demo succeeded).
         data_dir: folder with the T1, the white-matter mask and the models (default: bundled).
         size: explain only the central block of ``size`` voxels per axis (fast runs, tests).
         quick: the first model only.
@@ -121,8 +117,9 @@ def run_demo(
         warn: receives messages for the user (skipped pictures, engine warnings).
 
     Raises:
-        InputError: demo files missing, or the output folder cannot be made.
+        InputError: demo files missing, or the output folder cannot be written (refused before any work).
     """
+    from .io.outputs import staged_folder
     from .overlays import peak_ras, render_overlays, rendering_unavailable
     from .service import run_request
     from .settings import ExplainSettings
@@ -131,37 +128,43 @@ def run_demo(
     data = Path(data_dir) if data_dir is not None else DATA_DIR
     models = _demo_files(data, quick)
     warn = warn or (lambda message: None)
-    image, roi, image_path, roi_path = _write_inputs(data, out_dir, size)
-    no_pictures = rendering_unavailable()
-    if no_pictures:
-        warn(f"PNG pictures skipped: {no_pictures}")
-    settings = ExplainSettings(target_class=WHITE_MATTER, layers=(layer,) if layer else (), methods=tuple(methods),
-                               device=device)
-    outputs: list[DemoOutput] = []
-    for index, (name, label, weights) in enumerate(models):
+    inputs = {"the demo image": data / T1_FILE, "the demo region": data / WHITE_MATTER_FILE,
+              **{f"the model {weights.name}": weights for _, _, weights in models}}
+    # Everything is written into a folder beside out_dir and moved into place only at the end:
+    # a failed or interrupted demo leaves out_dir as it was.
+    with staged_folder(out_dir, inputs=inputs) as work:
+        image, roi, image_path, roi_path = _write_inputs(data, work, size)
+        no_pictures = rendering_unavailable()
+        if no_pictures:
+            warn(f"PNG pictures skipped: {no_pictures}")
+        settings = ExplainSettings(target_class=WHITE_MATTER, layers=(layer,) if layer else (),
+                                   methods=tuple(methods), device=device)
+        outputs: list[DemoOutput] = []
+        for index, (name, label, weights) in enumerate(models):
 
-        def model_progress(fraction: float, message: str, index: int = index, label: str = label) -> None:
-            if progress is not None:
-                progress((index + fraction) / len(models), f"{label}: {message}")
+            def model_progress(fraction: float, message: str, index: int = index, label: str = label) -> None:
+                if progress is not None:
+                    progress((index + fraction) / len(models), f"{label}: {message}")
 
-        # The files just written, through the service every door runs (the worker, the command line).
-        request = ExplainRequest(
-            images=(str(image_path),), model=str(weights), settings=settings,
-            outputs=tuple(str(out_dir / f"{name}_{method}.nrrd") for method in settings.methods),
-            roi=None if roi_path is None else str(roi_path), roi_label=None if roi_path is None else 1,
-        )
-        result = run_request(request, progress=model_progress,
-                             warn=lambda message, label=label: warn(f"{label}: {message}"))
-        # Every picture of a model cuts through the hottest voxel of its first heatmap, so the methods
-        # are compared on the same slices, where the headline method finds the evidence.
-        focus = peak_ras(next(iter(result.maps.values())))
-        for method, heat in result.maps.items():
-            pictures: list[Path] = []
-            if not no_pictures:
-                pictures, _ = render_overlays(image, heat, out_dir / f"{name}_{method}", point_ras=focus)
-            outputs.append(DemoOutput(name, method, result.outputs[method], tuple(pictures), result.seconds,
-                                      result.device, share_inside(heat.array, roi), result.settings.layers[0],
-                                      tuple(float(v) for v in focus)))
+            # The files just written, through the service every door runs (the worker, the command line).
+            request = ExplainRequest(
+                images=(str(image_path),), model=str(weights), settings=settings,
+                outputs=tuple(str(work / f"{name}_{method}.nrrd") for method in settings.methods),
+                roi=None if roi_path is None else str(roi_path), roi_label=None if roi_path is None else 1,
+            )
+            result = run_request(request, progress=model_progress,
+                                 warn=lambda message, label=label: warn(f"{label}: {message}"))
+            # Every picture of a model cuts through the hottest voxel of its first heatmap, so the methods
+            # are compared on the same slices, where the headline method finds the evidence.
+            focus = peak_ras(next(iter(result.maps.values())))
+            for method, heat in result.maps.items():
+                pictures: list[Path] = []
+                if not no_pictures:
+                    pictures, _ = render_overlays(image, heat, work / f"{name}_{method}", point_ras=focus)
+                outputs.append(DemoOutput(name, method, out_dir / result.outputs[method].name,
+                                          tuple(out_dir / picture.name for picture in pictures), result.seconds,
+                                          result.device, share_inside(heat.array, roi), result.settings.layers[0],
+                                          tuple(float(v) for v in focus)))
     return _report(out_dir, image, roi, models, outputs, no_pictures)
 
 

@@ -1,4 +1,4 @@
-"""One exception family for everything SegHiResCAM reports to a user.
+"""One exception family, and one warning category, for everything SegHiResCAM reports to a user.
 
 Every message says what is wrong with the value received and what to do about it,
 in words a radiologist can act on. The subclasses also derive from the matching
@@ -89,3 +89,11 @@ def internal_error_line(error: BaseException, advice: str, stage: str = "running
     if not isinstance(error, InternalError):
         error = InternalError.during(stage, error)
     return f"{one_line(error)}; this is a bug in SegHiResCAM: {advice}"
+
+
+class SegHiResCAMWarning(UserWarning):
+    """A message for the user from SegHiResCAM itself (a resampled region, an empty map, ...).
+
+    The worker and the command line relay warnings of this category, and only these: what
+    numpy or torch warn about goes to the debug log, never to the user as SegHiResCAM's word.
+    """

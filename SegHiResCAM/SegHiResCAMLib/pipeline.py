@@ -18,6 +18,7 @@ from .errors import InputError, InternalError
 from .models.card import resolve_class  # noqa: F401  (public here before)
 from .point_region import point_region, point_voxel
 from .progress import ProgressCallback, scaled_progress
+from .region import region_weights
 from .settings import ExplainSettings
 from .volume import Volume
 
@@ -72,8 +73,10 @@ def explain_volume(
         settings: what to explain (:class:`~SegHiResCAMLib.settings.ExplainSettings`); empty layers,
             a class name, and None for slice axis, multilabel, probabilities and output_key take the
             model card's.
-        roi: bool mask of ``volume.spatial_shape`` whose prediction is explained; None = the
-            model's own prediction of the class (or the settings' region kind).
+        roi: the region of ``volume.spatial_shape`` whose prediction is explained: a mask (bool or
+            whole-number labels, non-zero = inside) or weights in [0, 1] (used as m(p), resampled
+            linearly onto the model's grid); None = the model's own prediction of the class (or the
+            settings' region kind).
         progress: ``progress(fraction, message)``; raising CancelledError from it stops the run.
         **choices: instead of ``settings``, its fields as keywords
             (``explain_volume(loaded, volume, target_class=2, layers=("bottleneck",))``).
@@ -84,7 +87,8 @@ def explain_volume(
         maps), and the engine's Explanation (device, region size, seconds, warnings).
 
     Raises:
-        InputError: bad class, region of the wrong shape, image the model cannot take.
+        InputError: bad class, region of the wrong shape or with weights outside [0, 1], a region that
+            vanishes on the model's grid, an image the model cannot take (or with NaN/inf values).
         LayerError: unknown layer (with the nearest names).
     """
     from .engine.capture import check_layers
@@ -116,7 +120,12 @@ def explain_volume(
         roi = region.mask
         if not region.predicted:  # the user pointed at a lesion the model does not see: say so
             notes = (region.describe(settings.point, settings.target_class),)
-    roi_model = None if roi is None else np.asarray(prepared.roi_to_model(roi)).astype(bool)
+    roi_model = None if roi is None else np.asarray(prepared.roi_to_model(roi))  # weights stay float
+    if roi_model is not None and roi.any() and not roi_model.any():
+        raise InputError(
+            f"the region ({int(np.count_nonzero(roi))} voxels) covers no voxel of the model's grid once resampled "
+            "to it (it is smaller than the model's voxels, or outside its crop); choose a larger region"
+        )
     explanation = explain_with_settings(
         loaded.module,
         prepared.image,
@@ -160,6 +169,8 @@ def _region_on_volume(settings: ExplainSettings, roi, volume: Volume) -> np.ndar
 
     if volume.array.ndim not in (3, 4):
         raise InputError(f"the image must be a 3D volume (K, J, I), got an array of shape {volume.array.shape}")
+    if not np.isfinite(volume.array).all():  # before normalisation, which would turn inf into NaN with a warning
+        raise InputError("the image contains NaN or infinite values; fix or mask them before explaining")
     if roi is None and settings.point is not None:
         point_voxel(volume.ijk_to_ras, volume.spatial_shape, settings.point.ras)  # refused before any work
         return None
@@ -170,7 +181,7 @@ def _region_on_volume(settings: ExplainSettings, roi, volume: Volume) -> np.ndar
                 f"the ROI has shape {roi.shape} but the image has {volume.spatial_shape}; "
                 "give a mask on the image's voxel grid"
             )
-        roi = roi.astype(bool)
+        roi = region_weights(roi)  # labels -> bool mask; non-integer values -> weights in [0, 1], kept
     return region_array(settings, roi, volume.spatial_shape)
 
 

@@ -13,17 +13,17 @@ Importing this module does not import torch (the command line's ``--help`` stays
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError, InternalError, SegHiResCAMError, one_line
+from .errors import InputError, InternalError, SegHiResCAMError
 from .progress import ProgressCallback
 from .settings import ExplainSettings
 from .volume import Volume
+from .warning_relay import distinct, relayed_warnings
 from .worker.protocol import ExplainRequest, LayersRequest, Request
 
 WarnCallback = Callable[[str], None]
@@ -93,7 +93,9 @@ def run_request(request: Request, progress: ProgressCallback | None = None,
     """Run one request (:class:`ExplainRequest` or :class:`LayersRequest`).
 
     ``progress(fraction, message)`` follows the run (raise ``CancelledError`` from it to stop);
-    ``warn(message)`` receives each distinct warning once, the library's ``warnings.warn`` too.
+    ``warn(message)`` receives each distinct warning once: the engine's notes and SegHiResCAM's own
+    ``warnings.warn`` (:class:`~SegHiResCAMLib.errors.SegHiResCAMWarning`); other libraries' warnings
+    go to the debug log (:mod:`~SegHiResCAMLib.warning_relay`).
     ``model``: the request's model already loaded (a ``LoadedModel`` of ``request.model`` with
     ``request.trust_code``), so that a process explaining many cases loads it once; None loads it.
 
@@ -101,10 +103,8 @@ def run_request(request: Request, progress: ProgressCallback | None = None,
         SegHiResCAMError: a problem the user can fix (a one-sentence message), or an
             :class:`InternalError` naming the step that failed unexpectedly.
     """
-    relay = _warning_relay(warn)
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")  # the relay sends each distinct message once
-        warnings.showwarning = lambda message, *args, **kwargs: relay(str(message))
+    relay = distinct(warn or (lambda message: None))
+    with relayed_warnings(relay):
         if isinstance(request, LayersRequest):
             return _list_layers(request)
         return _explain(request, progress or (lambda fraction, message: None), relay, model)
@@ -119,6 +119,13 @@ def method_outputs(out: str | Path, methods: Sequence[str]) -> tuple[Path, ...]:
     suffix = next((s for s in HEATMAP_SUFFIXES if path.name.lower().endswith(s)), path.suffix)
     stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
     return tuple(path.with_name(f"{stem}_{method}{suffix}") for method in methods)
+
+
+def inputs_of(request: ExplainRequest) -> dict[str, str | None]:
+    """Every input file or folder of a request, by the role a message names it with."""
+    images = {"the image" if len(request.images) == 1 else f"image {index + 1}": path
+              for index, path in enumerate(request.images)}
+    return {**images, "the region file": request.roi, "the model": request.model}
 
 
 def load_model_for(path: str | Path, *, trust_code: bool = False):
@@ -141,11 +148,16 @@ def _step(stage: str) -> Iterator[None]:
 
 def _explain(request: ExplainRequest, progress: ProgressCallback, relay: WarnCallback, model: Any) -> ExplainResult:
     from .io.channels import read_channels
-    from .io.images import check_output_path, read_mask, write_image
+    from .io.images import read_mask, write_image
+    from .io.outputs import check_distinct_outputs, check_output_path
     from .pipeline import explain_volume, settings_for_model
 
     started = time.perf_counter()
     settings = request.settings
+    with _step("checking the output files"):  # before any reading or loading
+        inputs = inputs_of(request)
+        outputs = {method: check_output_path(path, inputs) for method, path in zip(settings.methods, request.outputs)}
+        check_distinct_outputs(list(outputs.values()))
     with _step("reading the image"):
         progress(0.0, f"reading {', '.join(Path(path).name for path in request.images)}")
         image = read_channels(request.images)
@@ -157,8 +169,6 @@ def _explain(request: ExplainRequest, progress: ProgressCallback, relay: WarnCal
 
             name = f"the image {Path(request.images[0]).name}"
             point_voxel(image.ijk_to_ras, image.spatial_shape, settings.point.ras, name)
-    with _step("checking the output files"):
-        outputs = {method: check_output_path(path) for method, path in zip(settings.methods, request.outputs)}
     with _step("loading the model"):
         progress(0.0, f"loading the model {Path(request.model).name}")
         loaded = model if model is not None else load_model_for(request.model, trust_code=request.trust_code)
@@ -198,20 +208,6 @@ def _list_layers(request: LayersRequest) -> LayersResult:
         infos = list_layers(loaded.module, shape)
     return LayersResult(card.name, card.spatial_dims, card.class_names, card.layers, tuple(shape), tuple(infos),
                         card.in_channels)
-
-
-def _warning_relay(warn: WarnCallback | None) -> WarnCallback:
-    """A function sending each distinct warning message once (the engine may both warn and report)."""
-    sent: set[str] = set()
-
-    def relay(message: str) -> None:
-        text = one_line(message)
-        if text not in sent:
-            sent.add(text)
-            if warn is not None:
-                warn(text)
-
-    return relay
 
 
 def _jsonable(value: Any) -> Any:

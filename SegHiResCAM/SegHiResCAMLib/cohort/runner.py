@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError, internal_error_line, one_line
+from ..errors import InputError, SegHiResCAMWarning, internal_error_line, one_line
 from ..progress import ProgressCallback
 from ..settings import ExplainSettings
 from .cases import Case, read_cases
@@ -240,7 +240,7 @@ def _on_client(cases: Sequence[Case], job: CohortJob, client: Any, reports: Repo
 def _in_this_process(cases: Sequence[Case], job: CohortJob, reports: Reports) -> CohortResults:
     message = f"Dask is not installed, so the cases run one after another in this process; for parallel workers: {EXTRA_HINT}"
     if reports.notice is None:
-        warnings.warn(message, stacklevel=3)
+        warnings.warn(message, SegHiResCAMWarning, stacklevel=3)
     else:
         reports.notice(message)
     if job.settings.device.startswith("cuda"):

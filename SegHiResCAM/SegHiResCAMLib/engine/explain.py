@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 from torch import nn
 
+from ..errors import SegHiResCAMWarning
 from ..progress import ProgressCallback
 from ..settings import ExplainSettings
 from .arrange import region_array
@@ -103,7 +104,7 @@ def explain(
         multilabel=multilabel, probabilities=probabilities, output_key=output_key, device=device,
     )
     for message in result.warnings:
-        _warnings.warn(message, RuntimeWarning, stacklevel=2)
+        _warnings.warn(message, SegHiResCAMWarning, stacklevel=2)
     return result.heatmap
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import LayerError
+from ..errors import LayerError, SegHiResCAMWarning
 from ..settings import ExplainSettings
 from .capture import channel_gates, segmentation_output
 from .device import fitting_count, in_chunks
@@ -190,7 +190,7 @@ def kernel_weighted_contribution(model: nn.Module, image, *, layer: str | None =
                                       device=device, batch_size=batch_size, progress=progress, multilabel=multilabel,
                                       probabilities=probabilities, output_key=output_key)
     for message in result.warnings:
-        _warnings.warn(message, RuntimeWarning, stacklevel=2)
+        _warnings.warn(message, SegHiResCAMWarning, stacklevel=2)
     return result.heatmap
 
 

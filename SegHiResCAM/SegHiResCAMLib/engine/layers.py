@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import SegHiResCAMWarning
 from .device import model_device, prepared_model
 from .held_model import held_model
 
@@ -49,7 +50,7 @@ def list_layers(model, example_shape: Sequence[int]) -> list[LayerInfo]:
     held = held_model(model)
     model = held.module
     for message in held.notes:
-        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        warnings.warn(message, SegHiResCAMWarning, stacklevel=2)
     device = model_device(model)
     floating = [t.dtype for t in list(model.parameters()) + list(model.buffers()) if t.dtype.is_floating_point]
     example = torch.zeros(probe_shape(model, example_shape), device=device,

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InputError, LayerError, ModelError
+from ..errors import InputError, LayerError, ModelError, SegHiResCAMWarning
 from ..windows import SlidingWindow
 from .arrange import image_tensor, region_tensor
 from .capture import check_layers, forward_with_activations, segmentation_output
@@ -401,7 +401,7 @@ def predict(model: nn.Module, image, *, sliding_window: SlidingWindow | None = N
     held = held_model(model)
     model, output_key = held.module, held.output_key(output_key)
     for message in held.notes:
-        _warnings.warn(message, RuntimeWarning, stacklevel=2)
+        _warnings.warn(message, SegHiResCAMWarning, stacklevel=2)
     tensor = image_tensor(image, model)
     # None: the whole image as one window (weights 1, so Z is the model's output itself)
     window = sliding_window or SlidingWindow(tuple(tensor.shape[1:]), step=1.0, gaussian=False)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InputError
+from ..errors import InputError, SegHiResCAMWarning
 from ..settings import ExplainSettings
 from .capture import segmentation_output
 from .device import fitting_count, in_chunks, prepared_model, resolve_device
@@ -72,7 +72,7 @@ def masking_scores(model: nn.Module, image, heatmap, *, target_class: int, roi=N
     target_class, slice_axis = chosen.target_class, 0 if chosen.slice_axis is None else chosen.slice_axis
     multilabel, probabilities = bool(chosen.multilabel), bool(chosen.probabilities)
     for message in held.notes:
-        _warnings.warn(message, RuntimeWarning, stacklevel=2)
+        _warnings.warn(message, SegHiResCAMWarning, stacklevel=2)
     image_t = image_tensor(image, model)
     kept_fraction = _kept_fraction(heatmap, tuple(image_t.shape[1:]), threshold)
     keep = kept_fraction.to(image_t.dtype)
@@ -99,7 +99,7 @@ def masking_scores(model: nn.Module, image, heatmap, *, target_class: int, roi=N
         in_chunks(samples.shape[0], size, run_device, predict_both)
     if sums[0] <= 0:
         _warnings.warn(f"the region to score (class {target_class}) is empty, so Prediction Preserved is undefined "
-                       "(NaN); choose a region or class that is present", RuntimeWarning, stacklevel=2)
+                       "(NaN); choose a region or class that is present", SegHiResCAMWarning, stacklevel=2)
         preserved = excess = float("nan")
     else:
         preserved, excess = float(sums[1] / sums[0]), float(sums[2] / sums[0])

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, SegHiResCAMWarning
 from .perturbation import BASELINES, baseline_image, block_order, perturb
 from .scoring import RegionScorer
 
@@ -118,7 +118,8 @@ def deletion_insertion(scorer: RegionScorer, heatmap: np.ndarray, *, steps: int 
     span = full - empty
     if not np.isfinite(span) or abs(span) <= 1e-12 * max(abs(full), abs(empty), 1e-300):
         _warnings.warn("the model's score does not change when the whole image is replaced by the baseline, so "
-                       "deletion and insertion are undefined (NaN); try another baseline", RuntimeWarning, stacklevel=2)
+                       "deletion and insertion are undefined (NaN); try another baseline", SegHiResCAMWarning,
+                       stacklevel=2)
         nan = np.full(len(fractions), np.nan)
         return DeletionInsertion(fractions, nan, nan.copy(), deletion_raw, insertion_raw, float("nan"), float("nan"))
     deletion = (deletion_raw - empty) / span

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import InputError
+from ..errors import InputError, SegHiResCAMWarning
 from ..volume import Volume, itk_geometry_from_ijk_to_ras
 from .images import read_image, same_grid
 
@@ -48,6 +48,7 @@ def read_channels(paths: Sequence[str | Path]) -> Volume:
         warnings.warn(
             f"the image {Path(path).name} lies on another voxel grid than {Path(paths[0]).name}; it was resampled "
             "onto the first image's grid (linear interpolation, 0 outside it)",
+            SegHiResCAMWarning,
             stacklevel=2,
         )
     return Volume(np.stack(channels), first.ijk_to_ras)
