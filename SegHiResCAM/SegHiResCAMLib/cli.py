@@ -274,7 +274,8 @@ def run_layers(args: argparse.Namespace) -> int:
     for info in listing.layers:
         shape_text = "x".join(map(str, info.output_shape)) if info.output_shape else "-"
         mark = "*" if info.name == default else " "
-        _print(f"{mark} {info.name.ljust(width)}  {info.type.ljust(kinds)}  {shape_text}")
+        why = f"  (cannot be explained: {info.unusable})" if info.unusable else ""
+        _print(f"{mark} {info.name.ljust(width)}  {info.type.ljust(kinds)}  {shape_text}{why}")
     return 0
 
 

@@ -36,18 +36,19 @@ def explain(
     model: nn.Module,
     image,
     *,
-    layer: str | Sequence[str],
+    layer: str | Sequence[str] | None = None,
     target_class: int,
     roi=None,
     method: str = "seg-hires-grad-cam",
     target: str = "logits",
     threshold: float = 0.5,
     spatial_dims: int | None = None,
-    slice_axis: int = 0,
+    slice_axis: int | None = None,
     normalize: bool = True,
     relu: bool = True,
-    multilabel: bool = False,
-    probabilities: bool = False,
+    multilabel: bool | None = None,
+    probabilities: bool | None = None,
+    output_key: int | str | None = None,
     device: str = "auto",
 ) -> np.ndarray:
     r"""Class activation map of ``target_class`` over ``roi`` for one image.
@@ -57,10 +58,17 @@ def explain(
     and Seg-Grad CAM ``ReLU(sum_k mean(G_k) A_k)``; see ``engine.methods`` for all.
 
     Args:
-        model: ``torch.nn.Module`` whose output is ``(N, classes, *spatial)``.
+        model: ``torch.nn.Module`` whose output is ``(N, classes, *spatial)``, a TorchScript
+            module (``torch.jit.load``), or a ``LoadedModel`` (``load_model``), whose card
+            gives what is left as None here (layer, spatial_dims, slice_axis, multilabel,
+            probabilities, output_key); the image is used as given, without the card's
+            preprocessing (``pipeline.explain_volume`` applies it to volumes). A model in eval
+            mode runs exactly as it is (submodules left in training mode stay so); a model
+            wholly in training mode runs in eval mode, with a warning. Modes and buffers are
+            restored afterwards.
         image: numpy array or tensor ``(channels, *spatial)``.
         layer: a name from ``model.named_modules()``; a list gives the mean of the
-            layers' maps, each upsampled and normalised first.
+            layers' maps, each upsampled and normalised first; None = the model card's.
         target_class: the class c (output channel).
         roi: bool or float array of the image's spatial shape; None = the model's own
             prediction for c (argmax; for one output channel, logit > 0; with the
@@ -70,7 +78,7 @@ def explain(
         threshold: t for the probability-threshold target.
         spatial_dims: the model's spatial dims; 2 with a 3D image applies a 2D model
             slice by slice along ``slice_axis`` (normalised over the whole volume).
-        slice_axis: axis of the image's spatial dims to slice along (0, 1 or 2).
+        slice_axis: axis of the image's spatial dims to slice along (0, 1 or 2; default 0).
         normalize: divide by the maximum over the whole map (an all-zero map stays zero).
         relu: keep only positive evidence (the methods' definition); False gives the
             signed map, for analysis.
@@ -78,6 +86,9 @@ def explain(
             region-based models): the predicted region is sigmoid > 0.5 instead of argmax.
         probabilities: the model outputs probabilities (its last layer is a softmax or
             sigmoid), not logits: they are used as they are.
+        output_key: for a model returning a tuple, list or dict (deep supervision, UNet++),
+            the entry (index or key) that is the segmentation; None = the one entry at the
+            input's full resolution (see ``engine.capture.select_output``).
         device: "auto" (CUDA if available), "cpu" or "cuda".
 
     Returns:
@@ -90,7 +101,7 @@ def explain(
     result = explain_detailed(
         model, image, layer=layer, target_class=target_class, roi=roi, methods=(method,), target=target,
         threshold=threshold, spatial_dims=spatial_dims, slice_axis=slice_axis, normalize=normalize, relu=relu,
-        multilabel=multilabel, probabilities=probabilities, device=device,
+        multilabel=multilabel, probabilities=probabilities, output_key=output_key, device=device,
     )
     for message in result.warnings:
         _warnings.warn(message, SegHiResCAMWarning, stacklevel=2)
@@ -101,18 +112,19 @@ def explain_detailed(
     model: nn.Module,
     image,
     *,
-    layer: str | Sequence[str],
+    layer: str | Sequence[str] | None = None,
     target_class: int,
     roi=None,
     methods: Sequence[str] = ("seg-hires-grad-cam",),
     target: str = "logits",
     threshold: float = 0.5,
     spatial_dims: int | None = None,
-    slice_axis: int = 0,
+    slice_axis: int | None = None,
     normalize: bool = True,
     relu: bool = True,
-    multilabel: bool = False,
-    probabilities: bool = False,
+    multilabel: bool | None = None,
+    probabilities: bool | None = None,
+    output_key: int | str | None = None,
     device: str = "auto",
     progress: ProgressCallback | None = None,
     batch_size: int | None = None,
@@ -124,9 +136,9 @@ def explain_detailed(
     ``batch_size`` fixes the slices per batch (default: sized to the free memory).
     """
     settings = ExplainSettings(
-        target_class=target_class, layers=layer, methods=tuple(methods), target=target, target_threshold=threshold,
-        device=str(device), slice_axis=slice_axis, multilabel=multilabel, probabilities=probabilities, relu=relu,
-        normalize=normalize, batch_size=batch_size,
+        target_class=target_class, layers=() if layer is None else layer, methods=tuple(methods), target=target,
+        target_threshold=threshold, device=str(device), slice_axis=slice_axis, multilabel=multilabel,
+        probabilities=probabilities, output_key=output_key, relu=relu, normalize=normalize, batch_size=batch_size,
     )
     return explain_with_settings(model, image, settings, roi=roi, spatial_dims=spatial_dims, progress=progress)
 
@@ -142,10 +154,14 @@ def explain_with_settings(
 ) -> Explanation:
     """Explain ``image`` ``(channels, *spatial)`` as ``settings`` say (the engine's own door).
 
-    ``settings.layers`` must name at least one layer and ``settings.target_class`` must be an index
-    (model-card defaults and class names are resolved by ``pipeline.explain_volume``); None for
-    ``slice_axis``, ``multilabel`` and ``probabilities`` means 0, False and False. ``roi`` and
-    ``settings.region`` give the region (see ``ExplainSettings.region_kind``).
+    ``model`` may be a module, a TorchScript module (``torch.jit.load``) or a ``LoadedModel``, whose
+    card fills what the settings leave open (layers, a class name, slice axis, multilabel,
+    probabilities, output_key) and ``spatial_dims``; the image is used as given, without the card's
+    preprocessing (``pipeline.explain_volume`` applies it to volumes). Otherwise ``settings.layers``
+    must name at least one layer and ``settings.target_class`` must be an index; None for
+    ``slice_axis``, ``multilabel``, ``probabilities`` and ``output_key`` means 0, False, False and
+    the one output at full resolution. ``roi`` and ``settings.region`` give the region (see
+    ``ExplainSettings.region_kind``).
     """
     spatial_shape = tuple(np.shape(image))[1:]
     region = region_array(settings, roi, spatial_shape)

@@ -16,6 +16,7 @@ from ..settings import ExplainSettings
 from .arrange import arrange_samples, image_tensor
 from .capture import segmentation_output
 from .device import fitting_count, in_chunks, prepared_model, resolve_device
+from .held_model import held_model
 from .targets import class_probabilities, predicted_roi
 
 
@@ -26,19 +27,23 @@ def predicted_mask(model: nn.Module, image, settings: ExplainSettings, *,
     The rule is the explanation's own default region: for the logits target, argmax == c (for one
     output channel, or ``multilabel``, logit > 0; probability > 0.5 when the model outputs
     probabilities); for the probability-threshold target, probability > ``target_threshold``. A 2D
-    model over a volume runs slice by slice along ``settings.slice_axis``. The model is left as found.
+    model over a volume runs slice by slice along ``settings.slice_axis``. The model runs in its
+    owner's inference mode and is left as found.
 
     Args:
-        model: the network, output ``(N, classes, *spatial)``.
+        model: the network, output ``(N, classes, *spatial)``; a TorchScript module or a
+            ``LoadedModel`` too, as for ``explain`` (the card fills what the settings leave open).
         image: ``(C, *spatial)`` on the model's grid.
-        settings: resolved for the engine (a class index; None means 0 / False for slice axis,
-            multilabel and probabilities).
+        settings: a class index (or a name the card knows); None means 0 / False / False / the
+            full-resolution output for slice axis, multilabel, probabilities and output_key.
         spatial_dims: the model's spatial dims (2 for slice by slice over a volume).
 
     Returns:
         bool array of ``image.shape[1:]``.
     """
-    class_index = int(settings.target_class)
+    held = held_model(model)
+    model, settings, spatial_dims = held.module, held.settings(settings), held.spatial_dims(spatial_dims, image)
+    class_index = settings.target_class
     multilabel, probabilities = bool(settings.multilabel), bool(settings.probabilities)
     slice_axis = 0 if settings.slice_axis is None else settings.slice_axis
     samples, _, layout = arrange_samples(image_tensor(image, model), None, spatial_dims, slice_axis)
@@ -49,7 +54,7 @@ def predicted_mask(model: nn.Module, image, settings: ExplainSettings, *,
 
         def predict(index: torch.Tensor) -> None:
             batch = samples[index].to(device)
-            output = segmentation_output(model(batch), batch, class_index)
+            output = segmentation_output(model(batch), batch, class_index, settings.output_key)
             if settings.target == "probability-threshold":
                 scores = class_probabilities(output, multilabel, probabilities)[:, class_index]
                 mask = scores > settings.target_threshold

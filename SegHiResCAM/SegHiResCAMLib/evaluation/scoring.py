@@ -94,7 +94,7 @@ class RegionScorer:
             # One sample at a time: perturbed volumes are scored by the dozen, so memory, not speed, limits.
             for index in range(samples.shape[0]):
                 batch = samples[index:index + 1].to(device)
-                output = segmentation_output(model(batch), batch, self.class_index)
+                output = segmentation_output(model(batch), batch, self.class_index, card.output_key)
                 outputs.append(output.to(torch.float64).cpu())
                 regions.append(roi_on_output_grid(roi_t[index:index + 1].to(device), tuple(output.shape[2:])).cpu())
         return torch.cat(outputs), torch.cat(regions)
