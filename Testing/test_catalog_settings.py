@@ -16,7 +16,8 @@ from SegHiResCAMLib.windows import SlidingWindow
 EVERY_FIELD = dict(
     target_class="white matter", layers=("bottleneck", "decoder.0"), methods=("seg-grad-cam", "seg-hires-grad-cam"),
     target="probability-threshold", target_threshold=0.25, device="cuda:1", slice_axis=2, region="point",
-    point=RegionPoint((12.5, -3.0, 40.0), 4.0), multilabel=True, probabilities=False, relu=False, normalize=False, batch_size=3,
+    point=RegionPoint((12.5, -3.0, 40.0), 4.0), multilabel=True, probabilities=False, output_key="seg", relu=False,
+    normalize=False, batch_size=3,
     sliding_window=SlidingWindow((96, 96, 80), step=0.25, gaussian=False, mirror_axes=(0, 1)),
 )
 
@@ -59,6 +60,8 @@ def test_settings_survive_a_json_round_trip_with_every_field_set():
     display = DisplaySettings(opacity=0.7, lower_threshold=0.0, show_3d=True, output_name="T1 heatmap")
     assert DisplaySettings.from_dict(json.loads(json.dumps(display.to_dict()))) == display
     assert ExplainSettings.from_dict({"target_class": 1}) == ExplainSettings(target_class=1)
+    last = ExplainSettings(target_class=1, output_key=-1)  # an index stays an index (UNet++: the last output)
+    assert ExplainSettings.from_dict(json.loads(json.dumps(last.to_dict()))).output_key == -1
 
 
 def test_unknown_and_missing_keys_are_refused_naming_them():
@@ -77,6 +80,7 @@ def test_values_are_normalised_once():
                                slice_axis=np.int64(1), target_threshold=np.float32(0.5), batch_size=np.int32(4))
     assert settings.target_class == 2 and settings.layers == ("bottleneck",) and settings.methods == ("seg-grad-cam",)
     assert type(settings.slice_axis) is int and type(settings.batch_size) is int
+    assert type(ExplainSettings(target_class=1, output_key=np.int64(2)).output_key) is int
     assert type(settings.target_threshold) is float
     assert ExplainSettings(target_class=np.int64(3)).target_class == 3
     assert ExplainSettings(target_class=" white matter ").target_class == "white matter"
@@ -104,6 +108,9 @@ def test_values_are_normalised_once():
     ("point", {"ras": [1, 2, 3], "radius_mm": 0}, "the point's radius must be a positive number of millimetres, got 0"),
     ("point", {"ras": [1, 2, 3], "radius": 5}, "the point have unknown keys ['radius']"),
     ("multilabel", "yes", "multilabel must be true, false or None"),
+    ("output_key", 1.5, "output_key must be an index or a key of the model's outputs, or None"),
+    ("output_key", True, "output_key must be an index or a key"),
+    ("output_key", "", "output_key must be an index or a key"),
     ("relu", None, "relu must be true or false"),
     ("batch_size", 0, "batch_size must be a positive number"),
     ("layers", ("",), "layers must be a list of names"),

@@ -81,16 +81,84 @@ def test_roi_segment_by_name_and_class_by_name_give_the_same_map_as_the_library(
     np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out))), maps["seg-grad-cam"].array)
 
 
-def test_png_overlay_is_written(files, capsys):
-    pytest.importorskip("slicer")
+def _display_pixel(axis, cut, row: int, column: int, height: int) -> tuple[int, int]:
+    """PNG (row, column) of the centre of a plane's voxel, through the axis' own data transform."""
+    left, right, bottom, top = cut.extent
+    rows, columns = cut.heat.shape
+    x = left + (column + 0.5) * (right - left) / columns
+    y = top - (row + 0.5) * (top - bottom) / rows  # imshow's row 0 is at the top
+    px, py = axis.transData.transform((x, y))
+    return int(height - py), int(px)  # display y grows upwards, PNG rows downwards
+
+
+def test_png_is_three_planes_with_title_letters_and_heat_where_the_map_is_hot(files, capsys):
+    # Before: one axial slice drawn by Slicer's slice views at the centre, with no letters, colour bar or title.
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    from SegHiResCAMLib.pictures import DPI, FIGURE_SIZE, PLANES, hottest_voxel, plane, three_plane_figure
+
     folder, model = files
-    png = folder / "overlay.png"
+    png, heat_path = folder / "overlay.png", folder / "heat_png.nrrd"
     code, stdout, stderr = run(["explain", "--image", folder / "t1.nrrd", "--model", model, "--class", "2",
-                                "--out", folder / "heat_png.nrrd", "--png", png], capsys)
+                                "--roi", folder / "brain.seg.nrrd", "--roi-label", "2", "--method", "seg-grad-cam",
+                                "--out", heat_path, "--png", png], capsys)
     assert code == 0, stderr
-    picture = sitk.ReadImage(str(png))
-    assert picture.GetSize() == (512, 512) and picture.GetNumberOfComponentsPerPixel() == 3
     assert f"wrote {png}" in stdout
+    with Image.open(png) as picture:
+        pixels = np.asarray(picture.convert("RGB")).astype(int)
+        text = dict(picture.text)
+    height, width = pixels.shape[:2]
+    assert (width, height) == (round(FIGURE_SIZE[0] * DPI), round(FIGURE_SIZE[1] * DPI))
+    # The title names model, layer, method, class and region; each panel its plane, position and letters.
+    title = text["Title"]
+    for words in (model.name, "layer bottleneck", "seg-grad-cam", "class 2", "region: brain.seg.nrrd, label 2"):
+        assert words in title
+    description = text["Description"]
+    for name, letters in (("axial", "(R L A P)"), ("coronal", "(R L S I)"), ("sagittal", "(P A S I)")):
+        assert f"{name} " in description and f"{letters}" in description
+    # The same figure from the files read back gives each panel's place; the heat shows where the map is hot.
+    image = read_image(folder / "t1.nrrd")
+    heat = sitk.GetArrayFromImage(sitk.ReadImage(str(heat_path)))
+    region = read_mask(folder / "brain.seg.nrrd", image, label=2) > 0
+    figure = three_plane_figure(image, heat, title=title, region=region)
+    figure.set_dpi(DPI)
+    figure.canvas.draw()
+    voxel = hottest_voxel(heat, region)
+    assert region[voxel]  # the planes cross inside the region
+    panels = [axis for axis in figure.axes if axis.get_title()]
+    assert [axis.get_title().split()[0] for axis in panels] == list(PLANES)
+    for axis, name in zip(panels, PLANES):
+        cut = plane(image, heat, name, voxel, region)
+        grey = np.ptp(pixels, axis=-1) == 0  # R == G == B: the image only
+        hot = [_display_pixel(axis, cut, r, c, height) for r, c in np.argwhere(cut.heat >= 0.5)]
+        cold = [_display_pixel(axis, cut, r, c, height) for r, c in np.argwhere(cut.heat < 0.1)]
+        assert hot, name
+        # Contour lines and letters cross a few voxel centres: most, not all, tell the rule.
+        assert np.mean([not grey[r, c] for r, c in hot]) > 0.9, name
+        if cold:
+            assert np.mean([grey[r, c] for r, c in cold]) > 0.8, name
+    from matplotlib import pyplot as plt
+
+    plt.close(figure)
+
+
+@pytest.mark.process
+def test_png_without_matplotlib_is_refused_before_the_work(files, tmp_path):
+    folder, model = files
+    code = (
+        "import sys\n"
+        "sys.modules['matplotlib'] = None  # as if matplotlib were not installed: importing it fails\n"
+        "from SegHiResCAMLib.cli import main\n"
+        f"sys.exit(main(['explain', '--image', {str(folder / 't1.nrrd')!r}, '--model', {str(model)!r}, '--class', '2',"
+        f" '--out', {str(tmp_path / 'heat.nrrd')!r}, '--png', {str(tmp_path / 'p.png')!r}]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(LIBRARY_PARENT)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 1, done.stderr
+    line = one_error_line(done.stderr)
+    assert "--png" in line and "matplotlib" in line and "seghirescam[eval]" in line
+    assert not list(tmp_path.iterdir())  # no heatmap either: refused before the work
 
 
 def test_layers_lists_names_and_output_shapes(files, capsys):

@@ -84,35 +84,47 @@ def test_demo_writes_a_heatmap_per_model_and_method_on_the_t1_grid(demo_run, dat
     assert str(out.resolve()) in report and "What to look at" in report
 
 
-def test_demo_draws_axial_coronal_and_sagittal_pictures(demo_run):
-    pytest.importorskip("slicer")
+def test_demo_draws_one_three_plane_picture_per_heatmap_through_one_voxel_per_model(demo_run):
+    # Before: three pictures per heatmap from Slicer's slice views, without letters, colour bar or title.
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    from SegHiResCAMLib.pictures import DPI, FIGURE_SIZE
+
     _, out, report = demo_run
     for model in ("demo_unet3d", "demo_unet2d"):
+        planes = set()
         for method in METHODS:
-            for orientation in ("axial", "coronal", "sagittal"):
-                picture = out / f"{model}_{method}_{orientation}.png"
-                image = sitk.ReadImage(str(picture))
-                assert image.GetNumberOfComponentsPerPixel() == 3 and image.GetSize() == (512, 512)
-                assert picture.name in report
-                pixels = sitk.GetArrayFromImage(image)
-                assert pixels.std() > 0  # a picture, not a blank
-    # a coloured overlay is present: some pixels are not grey
-    pixels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "demo_unet3d_seg-hires-grad-cam_axial.png"))).astype(int)
-    assert (np.abs(pixels[..., 0] - pixels[..., 2]) > 30).any()
+            picture = out / f"{model}_{method}.png"
+            assert picture.name in report
+            with Image.open(picture) as png:
+                assert png.size == (round(FIGURE_SIZE[0] * DPI), round(FIGURE_SIZE[1] * DPI))
+                pixels = np.asarray(png.convert("RGB")).astype(int)
+                title, description = png.text["Title"], png.text["Description"]
+            assert model in title and method in title and "class 2 (" in title
+            assert "region: the bundled white-matter segment" in title
+            for name, letters in (("axial", "(R L A P)"), ("coronal", "(R L S I)"), ("sagittal", "(P A S I)")):
+                assert f"{name} " in description and letters in description
+            # a coloured overlay is present: some pixels are not grey
+            assert (np.abs(pixels[..., 0] - pixels[..., 2]) > 30).any()
+            # the plane positions, without the letters
+            planes.add(tuple(part.split(" (")[0] for part in description.split("; ")))
+        assert len(planes) == 1  # every method of a model is shown on the same planes
+    assert not list(out.glob("*_axial.png"))  # no leftover pictures of the old layout
 
 
 @pytest.mark.process
-def test_demo_without_slicer_core_still_writes_heatmaps_and_says_why_no_pictures(data_dir, tmp_path):
+def test_demo_without_matplotlib_still_writes_heatmaps_and_says_why_no_pictures(data_dir, tmp_path):
     code = (
         "import sys\n"
-        "sys.modules['slicer'] = None  # as if slicer-core were not installed: importing it fails\n"
+        "sys.modules['matplotlib'] = None  # as if matplotlib were not installed: importing it fails\n"
         "from SegHiResCAMLib.cli import main\n"
         f"sys.exit(main(['demo', '--quick', '--size', '16', '--data', {str(data_dir)!r}, '--out', {str(tmp_path)!r}]))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(LIBRARY_PARENT)}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr
-    assert "PNG pictures skipped" in done.stderr and "slicer-core" in done.stderr
+    assert "PNG pictures skipped" in done.stderr and "matplotlib" in done.stderr
     assert (tmp_path / "demo_unet3d_seg-hires-grad-cam.nrrd").is_file()
     assert not list(tmp_path.glob("*.png"))
     assert not (tmp_path / "demo_unet2d_seg-grad-cam.nrrd").exists()  # --quick: the 3D model only

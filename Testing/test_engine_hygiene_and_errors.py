@@ -145,6 +145,17 @@ def test_list_layers_gives_names_types_and_output_shapes():
     assert _hook_count(model) == 0
 
 
+def test_list_layers_marks_the_layers_that_cannot_be_explained_with_the_reason_explaining_them_gives():
+    layers = {info.name: info for info in list_layers(unet(3), (1, 1, 8, 8, 8))}
+    assert layers["pool"].unusable == "it runs 2 times in one forward pass, so its output is ambiguous"
+    assert layers["decoder"].unusable == "it is not used when the model runs"
+    assert layers["bottleneck"].unusable is None and layers["head"].unusable is None
+    pair = {info.name: info for info in list_layers(TupleLayerNet().eval(), (1, 1, 8, 8))}["pair"]
+    assert pair.unusable == "it returns tuple, not a tensor" and pair.output_shape is None
+    with pytest.raises(LayerError, match="layer 'pair' returns tuple, not a tensor"):  # the same reason
+        explain(TupleLayerNet().eval(), np.ones((1, 8, 8), np.float32), layer="pair", target_class=1, device="cpu")
+
+
 def test_unknown_layer_names_the_closest_layers():
     with pytest.raises(LayerError, match=r"layer 'decoder\.9' does not exist; nearest names: decoder"):
         explain(unet(3), IMAGE, layer="decoder.9", target_class=1, device="cpu")

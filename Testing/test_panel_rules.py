@@ -117,6 +117,15 @@ def test_layer_rows_put_the_cards_layers_first_with_a_star_and_skip_layers_witho
     assert layer_choices(listing) == [("decoder.0", "UpBlock  8×16×16×16  ★"), ("encoder.0", "ConvBlock  4×32×32×32")]
 
 
+def test_layer_rows_leave_out_the_layers_the_listing_says_cannot_be_explained():
+    why = "it runs 3 times in one forward pass (called from blocks.0, blocks.1, blocks.2), so its output is ambiguous"
+    listing = {"default_layers": [], "layers": [
+        {"name": "blocks.2.act", "type": "ReLU", "output_shape": [1, 4, 8, 8, 8], "unusable": why},
+        {"name": "blocks.2.conv", "type": "Conv3d", "output_shape": [1, 4, 8, 8, 8], "unusable": None},
+    ]}
+    assert layer_choices(listing) == [("blocks.2.conv", "Conv3d  4×8×8×8")]
+
+
 @pytest.mark.process
 def test_the_panels_layer_listing_runs_in_the_background_and_gives_the_rows_and_channels(tmp_path):
     import time
@@ -137,7 +146,10 @@ def test_the_panels_layer_listing_runs_in_the_background_and_gives_the_rows_and_
         time.sleep(0.05)
     listing = job.result()
     loaded = load_model(model)
-    infos = [info for info in list_layers(loaded.module, loaded.card.example_shape(16)) if info.output_shape]
+    # the rows: every layer with an output to explain ('pool' runs several times: it cannot be explained)
+    infos = [info for info in list_layers(loaded.module, loaded.card.example_shape(16))
+             if info.output_shape and not info.unusable]
+    assert "pool" not in {info.name for info in infos}
     rows = layer_choices(listing)
     assert [name for name, _ in rows] == ["decoder.0", "decoder.1", "bottleneck"] + [
         info.name for info in infos if info.name not in ("decoder.0", "decoder.1", "bottleneck")]

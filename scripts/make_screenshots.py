@@ -1,8 +1,9 @@
 """Make the README/ExtensionsIndex screenshot from the demo's own pictures.
 
-Runs ``seghirescam demo`` and tiles its PNGs (drawn offscreen by Slicer's slice-view code from
-slicer-core) into ``Resources/Screenshots/1.png``: rows Seg-HiRes-Grad CAM and Seg-Grad CAM of
-the 3D demo model, columns axial, coronal and sagittal.
+Runs ``seghirescam demo`` and stacks its pictures of the 3D demo model (drawn by
+``SegHiResCAMLib.pictures``: axial, coronal and sagittal planes with letters, colour bar and
+title, as ``explain --png`` and the evaluation report draw them) into
+``Resources/Screenshots/1.png``: Seg-HiRes-Grad CAM on top, Seg-Grad CAM below.
 
     python scripts/make_screenshots.py
 """
@@ -16,30 +17,31 @@ from pathlib import Path
 
 import numpy as np
 
-from SegHiResCAMLib.mrml.render import read_png, write_png
-
 ROOT = Path(__file__).resolve().parents[1]
 GAP = 6
 
 
-def tile(rows: list[list[np.ndarray]]) -> np.ndarray:
-    height, width = rows[0][0].shape[:2]
-    canvas = np.zeros((len(rows) * (height + GAP) - GAP, len(rows[0]) * (width + GAP) - GAP, 3), np.uint8)
-    for r, row in enumerate(rows):
-        for c, picture in enumerate(row):
-            canvas[r * (height + GAP): r * (height + GAP) + height, c * (width + GAP): c * (width + GAP) + width] = \
-                picture[..., :3]
-    return canvas
+def stack(pictures: list[np.ndarray]) -> np.ndarray:
+    """The pictures one above the other (same width), white gaps between them."""
+    width = max(picture.shape[1] for picture in pictures)
+    rows = []
+    for picture in pictures:
+        padded = np.ones((picture.shape[0], width, 3), np.float32)
+        padded[:, : picture.shape[1]] = picture[..., :3]
+        rows += [padded, np.ones((GAP, width, 3), np.float32)]
+    return np.concatenate(rows[:-1])
 
 
 def main() -> None:
+    from matplotlib import pyplot as plt
+
     with tempfile.TemporaryDirectory() as folder:
         subprocess.run([sys.executable, "-m", "SegHiResCAMLib.cli", "demo", "--out", folder], check=True)
-        rows = [[read_png(Path(folder) / f"demo_unet3d_{method}_{view}.png") for view in ("axial", "coronal", "sagittal")]
-                for method in ("seg-hires-grad-cam", "seg-grad-cam")]
+        pictures = [plt.imread(Path(folder) / f"demo_unet3d_{method}.png")
+                    for method in ("seg-hires-grad-cam", "seg-grad-cam")]
         out = ROOT / "Resources" / "Screenshots" / "1.png"
         out.parent.mkdir(parents=True, exist_ok=True)
-        write_png(tile(rows), out)
+        plt.imsave(out, stack(pictures))
         print(f"wrote {out}")
 
 

@@ -122,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="heatmap file to write (.nrrd, .nii.gz); with several --method, one file per method: "
                          "PATH's name with _<method> before the extension (heat_seg-grad-cam.nrrd)")
     explain.add_argument("--png", metavar="PATH",
-                         help="also write an axial slice with the heatmap over the image (named like --out per method)")
+                         help="also write a picture of the heatmap over the image: axial, coronal and sagittal planes "
+                         "through its hottest voxel in the region, with orientation letters, colour bar and title "
+                         "(named like --out per method; needs matplotlib)")
     _add_device(explain)
     window_options.add_arguments(explain)  # batch copies them with explain's other options
     _add_trust(explain)
@@ -230,9 +232,14 @@ def run_explain(args: argparse.Namespace) -> int:
 
     request = explain_request(args)
     if args.png:  # checked with the heatmap files, before any reading or loading
+        from .errors import MissingDependencyError
         from .io.outputs import PICTURE_SUFFIXES, check_distinct_outputs, check_output_file
+        from .pictures import pictures_unavailable
         from .service import inputs_of
 
+        reason = pictures_unavailable()
+        if reason:
+            raise MissingDependencyError(f"--png cannot be written: {reason}; or leave --png out")
         pictures = method_outputs(args.png, request.settings.methods)
         for picture in pictures:
             check_output_file(picture, inputs=inputs_of(request), suffixes=PICTURE_SUFFIXES, kind="picture")
@@ -246,15 +253,11 @@ def run_explain(args: argparse.Namespace) -> int:
         _print(f"wrote {path} ({method}, device {result.device}, {result.seconds:.1f} s, "
                f"region {result.roi_voxels} voxels)")
     if args.png:
-        from .overlays import render_overlays
+        from .pictures import region_label, save_explanation_picture
 
+        region = region_label(args.roi, args.roi_label, result.settings)
         for method, png in zip(result.settings.methods, method_outputs(args.png, result.settings.methods)):
-            written, reason = render_overlays(result.image, result.maps[method], png.with_suffix(""),
-                                              orientations=("axial",), single_path=png)
-            if not written:
-                _warn(f"no PNG written: {reason}")
-                break
-            _print(f"wrote {written[0]}")
+            _print(f"wrote {save_explanation_picture(png, result, method, model=Path(args.model).name, region=region)}")
     return 0
 
 
@@ -273,7 +276,8 @@ def run_layers(args: argparse.Namespace) -> int:
     for info in listing.layers:
         shape_text = "x".join(map(str, info.output_shape)) if info.output_shape else "-"
         mark = "*" if info.name == default else " "
-        _print(f"{mark} {info.name.ljust(width)}  {info.type.ljust(kinds)}  {shape_text}")
+        why = f"  (cannot be explained: {info.unusable})" if info.unusable else ""
+        _print(f"{mark} {info.name.ljust(width)}  {info.type.ljust(kinds)}  {shape_text}{why}")
     return 0
 
 

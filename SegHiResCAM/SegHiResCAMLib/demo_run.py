@@ -1,8 +1,9 @@
 """``seghirescam demo``: explain the bundled demo models on the bundled MNI152 T1.
 
 The demo explains the white-matter segment (class 2) of each demo U-Net with Seg-HiRes-Grad
-CAM and Seg-Grad CAM, writes the heatmaps as NRRD files on the T1's grid, and draws axial,
-coronal and sagittal PNGs with Slicer's slice-view code when ``slicer-core`` is installed.
+CAM and Seg-Grad CAM, writes the heatmaps as NRRD files on the T1's grid, and draws one PNG per
+heatmap (axial, coronal and sagittal planes with letters, colour bar and title: the pictures of
+``seghirescam explain --png`` and the evaluation report) when matplotlib is installed.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def run_demo(
         InputError: demo files missing, or the output folder cannot be written (refused before any work).
     """
     from .io.outputs import staged_folder
-    from .overlays import peak_ras, render_overlays, rendering_unavailable
+    from .pictures import hottest_voxel, pictures_unavailable, save_explanation_picture
     from .service import run_request
     from .settings import ExplainSettings
     from .worker.protocol import ExplainRequest
@@ -134,7 +135,7 @@ def run_demo(
     # a failed or interrupted demo leaves out_dir as it was.
     with staged_folder(out_dir, inputs=inputs) as work:
         image, roi, image_path, roi_path = _write_inputs(data, work, size)
-        no_pictures = rendering_unavailable()
+        no_pictures = pictures_unavailable()
         if no_pictures:
             warn(f"PNG pictures skipped: {no_pictures}")
         settings = ExplainSettings(target_class=WHITE_MATTER, layers=(layer,) if layer else (),
@@ -154,13 +155,17 @@ def run_demo(
             )
             result = run_request(request, progress=model_progress,
                                  warn=lambda message, label=label: warn(f"{label}: {message}"))
-            # Every picture of a model cuts through the hottest voxel of its first heatmap, so the methods
-            # are compared on the same slices, where the headline method finds the evidence.
-            focus = peak_ras(next(iter(result.maps.values())))
+            # Every picture of a model cuts through the hottest voxel (in the region) of its first heatmap,
+            # so the methods are compared on the same planes, where the headline method finds the evidence.
+            first = next(iter(result.maps.values()))
+            k, j, i = voxel = hottest_voxel(first.array, roi)
+            focus = (first.ijk_to_ras @ np.array([i, j, k, 1.0]))[:3]
+            region = "the bundled white-matter segment" if roi is not None else "the model's own prediction"
             for method, heat in result.maps.items():
                 pictures: list[Path] = []
                 if not no_pictures:
-                    pictures, _ = render_overlays(image, heat, work / f"{name}_{method}", point_ras=focus)
+                    pictures.append(save_explanation_picture(work / f"{name}_{method}.png", result, method,
+                                                             model=f"{name} ({label})", region=region, voxel=voxel))
                 outputs.append(DemoOutput(name, method, out_dir / result.outputs[method].name,
                                           tuple(out_dir / picture.name for picture in pictures), result.seconds,
                                           result.device, share_inside(heat.array, roi), result.settings.layers[0],
@@ -201,7 +206,7 @@ def _report(out_dir, image, roi, models, outputs: list[DemoOutput], no_pictures:
         "  - Seg-HiRes-Grad CAM multiplies gradient and activation voxel by voxel, so it shows where inside",
         "    and around the white matter the evidence for the white-matter logits is. Seg-Grad CAM gives",
         "    each channel one weight, so its heatmap follows whole feature channels and can light up grey matter,",
-        "    ventricles or background that the segment does not depend on. Compare the PNG pairs side by side.",
+        "    ventricles or background that the segment does not depend on. Compare each model's PNGs side by side.",
         "  - In Slicer: load mni152_t1.nrrd, then a heatmap as the foreground volume (colour table Inferno,",
         "    opacity 0.5), or open the PNGs.",
     ]

@@ -82,6 +82,8 @@ def _same_path(first: str, second: str) -> bool:
 def layer_choices(listing: Mapping) -> list[tuple[str, str]]:
     """The layer list's rows from the worker's layer listing: ``(name, "Type  C×D×H×W")`` for each
     layer with an output to explain, the model card's recommended layers first, marked with a star.
+    A layer the listing marks ``unusable`` (it runs several times, or returns no tensor) is left out:
+    it cannot be explained (``seghirescam layers`` prints why).
 
     Args:
         listing: the worker's "result" event of a layers request (``jobs.LayersJob.result()``).
@@ -89,7 +91,7 @@ def layer_choices(listing: Mapping) -> list[tuple[str, str]]:
     described = {
         row["name"]: f"{row['type']}  {'×'.join(map(str, row['output_shape'][1:]))}"
         for row in listing["layers"]
-        if row["output_shape"]  # containers and unused modules have no output to explain
+        if row["output_shape"] and not row.get("unusable")  # containers and unused modules have no output
     }
     first = [name for name in listing.get("default_layers", ()) if name in described]
     return [(name, described[name] + "  ★") for name in first] + [

@@ -22,7 +22,10 @@ import numpy as np
 
 from .volume import Volume
 
+EXTRA_HINT = "pip install 'seghirescam[eval]'"
 PLANES = ("axial", "coronal", "sagittal")
+DPI = 90  # pixels per inch of the PNG files
+FIGURE_SIZE = (12.5, 4.6)  # inches: three panels and the colour bar
 # Per plane: the RAS axis held fixed, the RAS axis across the screen (left -> right) with its sign,
 # and the RAS axis up the screen with its sign. RAS axes: 0 = R, 1 = A, 2 = S.
 _LAYOUT = {
@@ -119,6 +122,52 @@ def plane(image: Volume, heat: np.ndarray, name: str, voxel: Sequence[int],
                  ("RAS"[fixed], float(ras[fixed])))
 
 
+def pictures_unavailable() -> str | None:
+    """Why pictures cannot be drawn here (matplotlib is missing), or None when they can."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as error:
+        return f"pictures need matplotlib ({error}); install it with {EXTRA_HINT}"
+    return None
+
+
+def picture_title(model: str, layer: str, method: str, class_name: str, region: str, case: str | None = None) -> str:
+    """The title every picture carries: model, layer, method, class, region (and the case, in a cohort)."""
+    parts = [model, f"layer {layer}", method, f"class {class_name}", f"region: {region}"]
+    return " · ".join(parts + ([case] if case else []))
+
+
+def region_label(roi: str | Path | None = None, roi_label: object = None, settings=None) -> str:
+    """What the region of a run is, in words: the file (and label) given, else the settings' region kind."""
+    if roi is not None:
+        return Path(roi).name + (f", label {roi_label}" if roi_label is not None else "")
+    if settings is not None and settings.point is not None:
+        where = ", ".join(f"{axis} {value:+.0f}" for axis, value in zip("RAS", settings.point.ras))
+        return f"the prediction at ({where}) mm"
+    if settings is not None and settings.region == "whole-image":
+        return "the whole image"
+    return "the model's own prediction"
+
+
+def save_explanation_picture(path: str | Path, result, method: str, *, model: str, region: str,
+                             voxel: Sequence[int] | None = None) -> Path:
+    """The picture of one method's map from an explain run (``service.ExplainResult``), titled with its facts.
+
+    Args:
+        path: the PNG to write.
+        result: the run's result (image, maps, settings as run, class name, region given).
+        method: which of its maps.
+        model: the model's name for the title.
+        region: the region in words (:func:`region_label`).
+        voxel: ``(k, j, i)`` the planes pass through; None = the map's hottest voxel in the region.
+    """
+    settings = result.settings
+    class_name = f"{settings.target_class} ({result.class_name})" if result.class_name else str(settings.target_class)
+    mask = None if result.region is None else np.asarray(result.region) > 0
+    title = picture_title(model, "+".join(settings.layers), method, class_name, region)
+    return save_three_planes(path, result.image, result.maps[method].array, title=title, region=mask, voxel=voxel)
+
+
 def intensity_window(image: np.ndarray) -> tuple[float, float]:
     """The grey window from the image's own intensities: its 0.5th and 99.5th percentiles."""
     low, high = np.percentile(np.asarray(image, dtype=np.float64), [0.5, 99.5])
@@ -141,13 +190,14 @@ def three_plane_figure(image: Volume, heat: np.ndarray, *, title: str, region: n
     import matplotlib
 
     matplotlib.use("Agg", force=False)
+    from matplotlib import patheffects
     from matplotlib import pyplot as plt
     from matplotlib.colors import Normalize
 
     heat = np.asarray(heat, dtype=np.float32)
     voxel = tuple(voxel) if voxel is not None else hottest_voxel(heat, region)
     low, high = intensity_window(image.array)
-    figure, axes = plt.subplots(1, 3, figsize=(12.5, 4.6), gridspec_kw={"wspace": 0.08})
+    figure, axes = plt.subplots(1, 3, figsize=FIGURE_SIZE, gridspec_kw={"wspace": 0.08})
     colours = plt.get_cmap("inferno")
     for axis, name in zip(axes, PLANES):
         cut = plane(image, heat, name, voxel, region)
@@ -159,7 +209,9 @@ def three_plane_figure(image: Volume, heat: np.ndarray, *, title: str, region: n
             axis.contour(cut.region.astype(float)[::-1, :], levels=[0.5], colors=["#00e5ff"], linewidths=1.0,
                          extent=cut.extent)
         left, right, top, bottom = cut.letters
-        style = {"color": "white", "fontsize": 12, "fontweight": "bold"}
+        # White with a black rim: readable over white matter and over black background alike.
+        style = {"color": "white", "fontsize": 12, "fontweight": "bold",
+                 "path_effects": [patheffects.withStroke(linewidth=2.5, foreground="black")]}
         axis.text(0.02, 0.5, left, transform=axis.transAxes, ha="left", va="center", **style)
         axis.text(0.98, 0.5, right, transform=axis.transAxes, ha="right", va="center", **style)
         axis.text(0.5, 0.98, top, transform=axis.transAxes, ha="center", va="top", **style)
@@ -177,13 +229,24 @@ def three_plane_figure(image: Volume, heat: np.ndarray, *, title: str, region: n
     return figure
 
 
+def figure_description(figure) -> str:
+    """What the figure's panels say, read from its drawn text: ``axial S +12.0 mm (R L A P); ...``."""
+    panels = [axis for axis in figure.axes if axis.get_title()]
+    return "; ".join(f"{axis.get_title()} ({' '.join(text.get_text() for text in axis.texts)})" for axis in panels)
+
+
 def save_three_planes(path: str | Path, image: Volume, heat: np.ndarray, **options) -> Path:
-    """Write :func:`three_plane_figure` as a PNG; returns the path."""
+    """Write :func:`three_plane_figure` as a PNG (at :data:`DPI`); returns the path.
+
+    The PNG's text fields repeat what the picture says, for search and for programs: Title (the
+    figure's title) and Description (each panel's plane, position and orientation letters).
+    """
     from matplotlib import pyplot as plt
 
     figure = three_plane_figure(image, heat, **options)
     try:
-        figure.savefig(path, dpi=90, facecolor="white")
+        figure.savefig(path, dpi=DPI, facecolor="white",
+                       metadata={"Title": options.get("title", ""), "Description": figure_description(figure)})
     finally:
         plt.close(figure)
     return Path(path)

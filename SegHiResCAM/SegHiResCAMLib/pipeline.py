@@ -10,12 +10,12 @@ volume, so that a heatmap can be written with, or shown over, the exact geometry
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from .errors import InputError, InternalError
+from .models.card import resolve_class  # noqa: F401  (public here before)
 from .point_region import point_region, point_voxel
 from .progress import ProgressCallback, scaled_progress
 from .region import region_weights
@@ -25,29 +25,6 @@ from .volume import Volume
 # Share of the progress bar for the stages around the engine (the engine gets the rest).
 _PREPARE_SHARE = 0.05
 _RESTORE_SHARE = 0.05
-
-
-def resolve_class(target_class: int | str, class_names: Sequence[str]) -> int:
-    """The class index for an index or a class name, checked against the model card.
-
-    Raises:
-        InputError: unknown name, or an index outside the model's classes.
-    """
-    names = list(class_names)
-    if isinstance(target_class, str) and not target_class.strip().lstrip("-").isdigit():
-        lowered = {name.lower(): index for index, name in enumerate(names)}
-        if target_class.lower() in lowered:
-            return lowered[target_class.lower()]
-        listed = ", ".join(f"{i} = {n}" for i, n in enumerate(names)) or "the model card names none"
-        raise InputError(f"the model has no class named {target_class!r}; classes: {listed}")
-    try:
-        index = int(target_class)
-    except (TypeError, ValueError) as error:
-        raise InputError(f"the class must be an index or a class name, got {target_class!r}") from error
-    if index < 0 or (names and index >= len(names)):
-        listed = ", ".join(f"{i} = {n}" for i, n in enumerate(names))
-        raise InputError(f"class {index} does not exist; the model has {len(names)} classes: {listed}")
-    return index
 
 
 def _normalised(heat: np.ndarray, relu: bool = True, normalize: bool = True) -> np.ndarray:
@@ -64,27 +41,19 @@ def _normalised(heat: np.ndarray, relu: bool = True, normalize: bool = True) -> 
 
 
 def settings_for_model(settings: ExplainSettings, card) -> ExplainSettings:
-    """The settings with the model card's defaults filled in: the layers (the card's default layer),
-    the class index (class names looked up in the card), the slice axis, multilabel and probabilities.
+    """The settings with the model card's defaults filled in (``ModelCard.settings_for``: layers,
+    class index, slice axis, multilabel, probabilities, output_key), with a layer to explain.
 
     Raises:
         InputError: an unknown class, or no layer given and none named by the card.
     """
-    target_class = resolve_class(settings.target_class, card.class_names)
-    layers = settings.layers or ((card.default_layer,) if card.default_layer else ())
-    if not layers:
+    settings = card.settings_for(settings)
+    if not settings.layers:
         raise InputError(
             f"the model card of {card.name!r} names no default layer; choose one with --layer "
             "(list them with: seghirescam layers --model MODEL)"
         )
-    return dataclasses.replace(
-        settings,
-        layers=layers,
-        target_class=target_class,
-        slice_axis=card.slice_axis if settings.slice_axis is None else settings.slice_axis,
-        multilabel=card.multilabel if settings.multilabel is None else settings.multilabel,
-        probabilities=(card.outputs == "probabilities") if settings.probabilities is None else settings.probabilities,
-    )
+    return settings
 
 
 def explain_volume(
@@ -102,7 +71,8 @@ def explain_volume(
         loaded: a :class:`~SegHiResCAMLib.models.loading.LoadedModel` (network and model card).
         volume: the image, ``(K, J, I)`` or ``(C, K, J, I)`` with its IJK-to-RAS matrix.
         settings: what to explain (:class:`~SegHiResCAMLib.settings.ExplainSettings`); empty layers,
-            a class name, and None for slice axis, multilabel and probabilities take the model card's.
+            a class name, and None for slice axis, multilabel, probabilities and output_key take the
+            model card's.
         roi: the region of ``volume.spatial_shape`` whose prediction is explained: a mask (bool or
             whole-number labels, non-zero = inside) or weights in [0, 1] (used as m(p), resampled
             linearly onto the model's grid); None = the model's own prediction of the class (or the

@@ -43,6 +43,8 @@ class ExplainResult:
         settings: the settings as run: the model card's defaults filled in (layers, class index).
         device, seconds, roi_voxels, warnings: facts about the run.
         class_name: the model card's name of the class explained ("" when the card names none).
+        region: the region given as a file, on the image's grid (weights or a mask), for pictures;
+            None when the region came from the model (its prediction, a point).
     """
 
     image: Volume
@@ -54,6 +56,7 @@ class ExplainResult:
     roi_voxels: int
     warnings: tuple[str, ...] = ()
     class_name: str = ""
+    region: Any = None
 
     @property
     def output(self) -> Path:
@@ -184,7 +187,7 @@ def _explain(request: ExplainRequest, progress: ProgressCallback, relay: WarnCal
     names = loaded.card.class_names
     return ExplainResult(image, maps, outputs, resolved, explanation.device, time.perf_counter() - started,
                          int(explanation.roi_voxels), explanation.warnings,
-                         names[resolved.target_class] if resolved.target_class < len(names) else "")
+                         names[resolved.target_class] if resolved.target_class < len(names) else "", roi)
 
 
 def _check_channels(card, image: Volume, files: int) -> None:

@@ -97,6 +97,9 @@ class ExplainSettings:
         point: the :class:`RegionPoint` of the region kind "point" (a dict is read as one); None otherwise.
         multilabel: the classes are independent (one sigmoid per channel); None = the model card's.
         probabilities: the model outputs probabilities, not logits; None = the model card's.
+        output_key: for a network whose forward returns a tuple, list or dict (deep supervision,
+            UNet++), the entry that is the segmentation: an index (-1 = the last) or a key; None =
+            the model card's, else the one entry at the input's full resolution.
         relu: keep only positive evidence (the methods' definition); False gives signed heatmaps.
         normalize: divide each heatmap by its maximum over the whole volume.
         batch_size: slices per batch for 2D models over volumes (windows per batch with sliding
@@ -119,6 +122,7 @@ class ExplainSettings:
     point: RegionPoint | None = None
     multilabel: bool | None = None
     probabilities: bool | None = None
+    output_key: int | str | None = None
     relu: bool = True
     normalize: bool = True
     batch_size: int | None = None
@@ -148,6 +152,11 @@ class ExplainSettings:
         for name in ("multilabel", "probabilities"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be true, false or None (the model card's), got {getattr(self, name)!r}")
+        if self.output_key is not None and not (isinstance(self.output_key, str) and self.output_key):
+            if _not_int(self.output_key):
+                raise InputError(f"output_key must be an index or a key of the model's outputs, or None (the model "
+                                 f"card's), got {self.output_key!r}")
+            _set(self, "output_key", int(self.output_key))  # numpy integers too
         for name in ("relu", "normalize"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}")

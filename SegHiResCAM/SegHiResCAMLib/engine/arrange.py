@@ -48,6 +48,20 @@ def image_tensor(image, model: nn.Module) -> torch.Tensor:
     return tensor
 
 
+def region_tensor(roi, spatial: tuple[int, ...]) -> torch.Tensor | None:
+    """The region as a tensor of the image's spatial shape: float weights as they are, anything else
+    as a bool mask (non-zero = inside); None stays None."""
+    if roi is None:
+        return None
+    roi_t = roi.detach() if isinstance(roi, torch.Tensor) else torch.as_tensor(np.asarray(roi))
+    if tuple(roi_t.shape) != tuple(spatial):
+        raise InputError(
+            f"the region has shape {tuple(roi_t.shape)} but the image's spatial shape is {tuple(spatial)}; "
+            "give a mask on the same grid as the image"
+        )
+    return roi_t if roi_t.dtype.is_floating_point else roi_t != 0
+
+
 def arrange_samples(image: torch.Tensor, roi, spatial_dims: int | None, slice_axis: int):
     """Samples ``(S, C, *model_spatial)``, the region ``(S, *model_spatial)`` (or None) and their Layout."""
     spatial = tuple(image.shape[1:])
@@ -57,16 +71,7 @@ def arrange_samples(image: torch.Tensor, roi, spatial_dims: int | None, slice_ax
             f"spatial_dims={spatial_dims} does not fit an image of spatial shape {spatial}; "
             "use 3 for a 3D model, 2 for a 2D model (on 2D images or slice by slice on volumes)"
         )
-    roi_t = None
-    if roi is not None:
-        roi_t = roi.detach() if isinstance(roi, torch.Tensor) else torch.as_tensor(np.asarray(roi))
-        if tuple(roi_t.shape) != spatial:
-            raise InputError(
-                f"the region has shape {tuple(roi_t.shape)} but the image's spatial shape is {spatial}; "
-                "give a mask on the same grid as the image"
-            )
-        if not roi_t.dtype.is_floating_point:
-            roi_t = roi_t != 0
+    roi_t = region_tensor(roi, spatial)
     if dims == len(spatial):
         return image[None], (None if roi_t is None else roi_t[None]), Layout(None)
     if slice_axis not in (0, 1, 2):

@@ -30,13 +30,18 @@ def layer_names(model: nn.Module) -> list[str]:
 
 
 def check_layers(model: nn.Module, layers: Sequence[str]) -> None:
-    """Raise LayerError naming the closest existing names when a layer is unknown."""
+    """Raise LayerError naming the closest existing names when a layer is unknown, or saying why
+    a layer cannot be explained where the model knows before running (TorchScript adapters)."""
     known = layer_names(model)
     known_set = set(known)
+    problems = model.layer_problems() if hasattr(model, "layer_problems") else {}
     for layer in layers:
         if layer not in known_set:
             close = difflib.get_close_matches(layer, known, n=5, cutoff=0.5) or known[:5]
             raise LayerError(f"layer '{layer}' does not exist; nearest names: {', '.join(close)}")
+        if layer in problems:
+            why, instead = problems[layer]
+            raise LayerError(f"layer '{layer}' cannot be explained: {why}; {instead}")
 
 
 class _Recorder:
@@ -81,19 +86,20 @@ def _grad_mode_restored() -> Iterator[None]:
 
 
 def forward_with_activations(
-    model: nn.Module, inputs: torch.Tensor, layers: Sequence[str]
+    model: nn.Module, inputs: torch.Tensor, layers: Sequence[str], output_key: int | str | None = None
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Run ``model(inputs)`` and return its output and the listed layers' outputs.
+    """Run ``model(inputs)`` and return its segmentation output and the listed layers' outputs.
 
     The activations require grad and the output depends on them differentiably.
     Models that cannot take hooks (TorchScript adapters) provide ``forward_capturing``.
+    ``output_key`` picks the segmentation from a tuple, list or dict output (see :func:`select_output`).
     """
     if hasattr(model, "forward_capturing"):
         # Without hooks the graph cannot be cut at the layer: record it from the input, so the
         # activations reach the output differentiably even when every parameter is frozen.
         with torch.enable_grad():
             output, activations = model.forward_capturing(inputs.detach().requires_grad_(), list(layers))
-        return _as_output_tensor(output), list(activations)
+        return select_output(output, inputs, output_key), list(activations)
 
     modules = dict(model.named_modules())
     recorder = _Recorder(layers)
@@ -119,25 +125,64 @@ def forward_with_activations(
             f"layer '{missing[0]}' is not used when the model runs, so it cannot explain the output; "
             "choose a layer on the path from the input to the output"
         )
-    return _as_output_tensor(output), [recorder.outputs[name] for name in layers]
+    return select_output(output, inputs, output_key), [recorder.outputs[name] for name in layers]
 
 
-def _as_output_tensor(output) -> torch.Tensor:
-    # Deep-supervision networks return a list whose first entry is the full-resolution output.
-    if isinstance(output, (list, tuple)) and output and isinstance(output[0], torch.Tensor):
-        output = output[0]
-    if not isinstance(output, torch.Tensor):
-        raise ModelError(f"the model returned {type(output).__name__}; a segmentation model must return a tensor")
-    return output
+def select_output(output, batch: torch.Tensor, output_key: int | str | None = None) -> torch.Tensor:
+    """The segmentation among what the model returned for inputs shaped like ``batch``.
+
+    A tensor is used as it is. From a tuple, list or dict (deep supervision, UNet++, auxiliary
+    heads) comes entry ``output_key`` (index or key) when given; otherwise the one entry of shape
+    ``(N, classes, *spatial)`` at the input's full resolution (nnU-Net and HD-BET put it first,
+    then coarser ones), or, when none is at full resolution, the one such entry. Several
+    candidates and no key: a refusal that says how to choose, never a guess.
+
+    Raises:
+        ModelError: no entry qualifies, several do, or ``output_key`` names no tensor entry.
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict):
+        entries = list(output.items())
+    elif isinstance(output, (list, tuple)):
+        entries = list(enumerate(output))
+    else:
+        raise ModelError(f"the model returned {type(output).__name__}; a segmentation model must return a tensor "
+                         "(or a tuple, list or dict of tensors)")
+    keys = ", ".join(repr(key) for key, _ in entries) or "none"
+    if output_key is not None:
+        if isinstance(output, (list, tuple)) and isinstance(output_key, int) and -len(output) <= output_key < 0:
+            output_key += len(output)  # -1: the last entry
+        chosen = dict(entries).get(output_key) if not isinstance(output_key, bool) else None
+        if not isinstance(chosen, torch.Tensor):
+            raise ModelError(f"the model's output has no tensor entry {output_key!r} (output_key); its entries: {keys}")
+        return chosen
+    shaped = [(key, value) for key, value in entries if isinstance(value, torch.Tensor) and value.ndim == batch.ndim]
+    full = [(key, value) for key, value in shaped if tuple(value.shape[2:]) == tuple(batch.shape[2:])]
+    candidates = full or shaped
+    if len(candidates) == 1:
+        return candidates[0][1]
+    if not candidates:
+        raise ModelError(f"the model returned a {type(output).__name__} with no (N, classes, *spatial) tensor "
+                         f"(entries: {keys}); SegHiResCAM explains segmentation outputs")
+    listed = ", ".join(f"{key!r} {tuple(value.shape)}" for key, value in candidates)
+    where = "at the input's resolution" if full else "of segmentation shape"
+    raise ModelError(
+        f"the model returns {len(candidates)} outputs {where} ({listed}) and nothing says which is the segmentation; "
+        "name it with output_key (the model card's \"output_key\", or output_key= in Python): for UNet++ with deep "
+        "supervision the last entry is the full network's output"
+    )
 
 
-def segmentation_output(output, batch: torch.Tensor, class_index: int) -> torch.Tensor:
+def segmentation_output(output, batch: torch.Tensor, class_index: int,
+                        output_key: int | str | None = None) -> torch.Tensor:
     """The model's output as ``(B, classes, *spatial)`` with ``class_index`` among its classes, or a clear error."""
-    output = _as_output_tensor(output)
+    output = select_output(output, batch, output_key)
     if output.ndim != batch.ndim:
+        how = "without the spatial dimensions of" if output.ndim < batch.ndim else "with more dimensions than"
         raise ModelError(
-            f"the model's output has shape {tuple(output.shape)}, without the spatial dimensions of its input "
-            f"{tuple(batch.shape)}; SegHiResCAM explains segmentation models whose output is (N, classes, *spatial)"
+            f"the model's output has shape {tuple(output.shape)}, {how} its input {tuple(batch.shape)}; "
+            "SegHiResCAM explains segmentation models whose output is (N, classes, *spatial)"
         )
     classes = output.shape[1]
     if not 0 <= class_index < classes:

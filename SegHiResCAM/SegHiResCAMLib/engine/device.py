@@ -1,4 +1,4 @@
-"""Device choice, model preparation (eval mode, device) with everything restored afterwards."""
+"""Device choice, model preparation (the owner's inference mode, device) with everything restored afterwards."""
 
 from __future__ import annotations
 
@@ -36,13 +36,33 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def training_mode_warning(model: nn.Module) -> str | None:
+    """The user's warning when :func:`prepared_model` will switch ``model`` to eval mode, else None."""
+    if not model.training:
+        return None
+    return ("the model was in training mode, so it ran in evaluation mode (model.eval()) for this explanation and "
+            "was put back afterwards; call model.eval() before explaining to run it exactly as it is (modules that "
+            "must run in training mode, such as HD-BET's instance norms, may stay so)")
+
+
 @contextmanager
 def prepared_model(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
-    """The model in eval mode on ``device``; training flags and device restored on exit."""
+    """The model in its owner's inference mode on ``device``; modes, buffers and device restored on exit.
+
+    A model whose top module is in eval mode runs exactly as it is: submodules left in training
+    mode stay so (HD-BET keeps its instance norms in training mode to use each image's own
+    statistics). Only a model wholly in training mode (its top module training) is switched to
+    eval; the entry points tell the user (:func:`training_mode_warning`). A norm layer in training
+    mode updates its running statistics in every forward pass, so every buffer is saved here and
+    written back on exit (the original tensors, also after a move to another device).
+    """
     training = {name: module.training for name, module in model.named_modules()}
+    buffers = [(module, name, tensor, tensor.detach().clone())
+               for module in model.modules() for name, tensor in module._buffers.items() if tensor is not None]
     original_device = model_device(model)
     try:
-        model.eval()
+        if model.training:
+            model.eval()
         if original_device != device:
             model.to(device)
         yield model
@@ -51,6 +71,11 @@ def prepared_model(model: nn.Module, device: torch.device) -> Iterator[nn.Module
             model.to(original_device)
         for name, module in model.named_modules():
             module.training = training.get(name, module.training)
+        with torch.no_grad():
+            for module, name, tensor, saved in buffers:
+                if module._buffers[name] is not tensor:  # moved away and back: put the user's own tensor back
+                    module._buffers[name] = tensor
+                tensor.copy_(saved)
 
 
 def memory_budget(device: torch.device) -> int:
@@ -80,6 +105,14 @@ def _available_ram() -> int:
 
 def forward_bytes(model: nn.Module, probe: torch.Tensor) -> int:
     """Bytes of every leaf module's output in one no-grad forward pass of ``probe``."""
+    if any(isinstance(module, torch.jit.ScriptModule) for module in model.modules()):
+        # Hooks do not fire inside TorchScript: its adapter captures every leaf's output instead.
+        problems = model.layer_problems() if hasattr(model, "layer_problems") else {}
+        names = [name for name, _ in model.layer_names()]
+        leaves = [name for name in names if name not in problems and not any(n.startswith(name + ".") for n in names)]
+        with torch.no_grad():
+            _, outputs = model.forward_capturing(probe, leaves)
+        return sum(out.numel() * out.element_size() for out in outputs if isinstance(out, torch.Tensor))
     total = 0
 
     def count(module, inputs, output) -> None:

@@ -25,6 +25,7 @@ from ..settings import ExplainSettings
 from .arrange import arrange_samples, image_tensor
 from .capture import check_layers, forward_with_activations, segmentation_output
 from .device import fitting_count, in_chunks, prepared_model, resolve_device
+from .held_model import held_model
 from .methods import HeatmapMethod, Preparation
 from .resize import combine_layer_maps, upsample_to
 from .targets import per_sample_scores, roi_on_output_grid
@@ -68,22 +69,26 @@ def explain_samples(
     """Run ``methods`` as ``settings`` say, on ``image`` ``(C, *spatial)`` with the region ``roi``
     (None = the model's prediction; the settings' region kind is already applied).
 
-    ``settings`` must be resolved for the engine: at least one layer, a class index. ``progress``
-    may raise (``CancelledError``) to stop the run; the model and hooks are left as found.
+    ``model`` may be a module, a TorchScript module or a ``LoadedModel``, whose card fills what the
+    settings and ``spatial_dims`` leave open (``engine.held_model``). The settings must then name at
+    least one layer and a class index. The model runs in its owner's inference mode
+    (``engine.device.prepared_model``). ``progress`` may raise (``CancelledError``) to stop the run;
+    the model and hooks are left as found.
     """
     started = time.perf_counter()
+    held = held_model(model)
+    model, settings, spatial_dims = held.module, held.settings(settings), held.spatial_dims(spatial_dims, image)
     if not settings.layers:
-        raise InputError("no layer was given; pick at least one layer to explain")
-    if not isinstance(settings.target_class, int):
-        raise InputError(f"the class {settings.target_class!r} is a name; the engine takes a class index, and "
-                         "class names are looked up in the model card (pipeline.explain_volume, the command line)")
+        raise InputError("no layer was given; pick at least one layer to explain (list them with list_layers, or "
+                         "name a default in the model card's \"layers\")")
     for method in methods:
         method.check(model)
     check_layers(model, settings.layers)
     device = resolve_device(settings.device)
     job = _Job(model, settings, methods, progress)
     maps, device, roi_voxels, notes = job.maps(image, roi, spatial_dims, device)
-    return Explanation(maps, str(device), roi_voxels, time.perf_counter() - started, tuple(dict.fromkeys(notes)))
+    return Explanation(maps, str(device), roi_voxels, time.perf_counter() - started,
+                       tuple(dict.fromkeys([*held.notes, *notes])))
 
 
 class _GpuExhausted(Exception):
@@ -181,7 +186,8 @@ class _Job:
             if method.preparation_weight > 0:
                 method.prepare(Preparation(
                     self.model, samples, roi, todo, device, self.layers, self.class_index,
-                    bool(self.settings.multilabel), bool(self.settings.probabilities), progress,
+                    bool(self.settings.multilabel), bool(self.settings.probabilities), self.settings.output_key,
+                    progress,
                 ))
 
     def _report(self, fraction: float, total: int, done: int = 0) -> None:
@@ -190,7 +196,7 @@ class _Job:
             self.progress(fraction, f"explained {done} of {total} {unit}{'s' if total > 1 else ''}")
 
     def _explain_batch(self, batch: torch.Tensor, roi: torch.Tensor | None, spatial: tuple[int, ...]):
-        output, activations = forward_with_activations(self.model, batch, self.layers)
+        output, activations = forward_with_activations(self.model, batch, self.layers, self.settings.output_key)
         output = segmentation_output(output, batch, self.class_index)
         roi_out = None if roi is None else roi_on_output_grid(roi, tuple(output.shape[2:]))
         scores, used = per_sample_scores(output, self.class_index, roi_out, target=self.settings.target,

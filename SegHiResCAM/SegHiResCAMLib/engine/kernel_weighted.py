@@ -113,7 +113,8 @@ def _reference(run: Preparation, size: int) -> tuple[torch.Tensor, torch.Tensor]
 
     def reference(chunk: torch.Tensor) -> None:
         index = run.todo[chunk]
-        output = segmentation_output(run.model(run.samples[index].to(run.device)), run.samples, run.class_index)
+        output = segmentation_output(run.model(run.samples[index].to(run.device)), run.samples, run.class_index,
+                                     run.output_key)
         given = None if run.roi is None else run.roi[index].to(run.device)
         kept_prediction, roi_weights = roi_prediction(output, run.class_index, given, run.multilabel,
                                                       run.probabilities)
@@ -146,7 +147,7 @@ def _ablate(run: Preparation, gate, masks: torch.Tensor, kept: torch.Tensor, tot
         gate.masks = table[torch.cat([rows, torch.full((len(distinct),), 2 * channels)])]
         try:
             batch = run.samples[torch.cat([which, distinct])].to(run.device)
-            output = segmentation_output(run.model(batch), run.samples, run.class_index)
+            output = segmentation_output(run.model(batch), run.samples, run.class_index, run.output_key)
         finally:
             gate.masks = None
         regions = masks[torch.cat([which, distinct])]
@@ -167,11 +168,12 @@ def _ablate(run: Preparation, gate, masks: torch.Tensor, kept: torch.Tensor, tot
     return _LayerWeights(weights, dependent, independent, total)
 
 
-def kernel_weighted_contribution(model: nn.Module, image, *, layer: str, target_class: int, roi=None,
-                                 spatial_dims: int | None = None, slice_axis: int = 0, normalize: bool = True,
-                                 device: str = "auto", batch_size: int | None = None,
+def kernel_weighted_contribution(model: nn.Module, image, *, layer: str | None = None, target_class: int, roi=None,
+                                 spatial_dims: int | None = None, slice_axis: int | None = None,
+                                 normalize: bool = True, device: str = "auto", batch_size: int | None = None,
                                  progress: Callable[[float, str], None] | None = None,
-                                 multilabel: bool = False, probabilities: bool = False) -> np.ndarray:
+                                 multilabel: bool | None = None, probabilities: bool | None = None,
+                                 output_key: int | str | None = None) -> np.ndarray:
     """KWC map of ``target_class`` over ``roi`` at ``layer``: float32 array of shape ``image.shape[1:]``.
 
     Channels are removed by zeroing them (the deterministic 2023 variant, no random kernels);
@@ -186,24 +188,26 @@ def kernel_weighted_contribution(model: nn.Module, image, *, layer: str, target_
     result = kernel_weighted_detailed(model, image, layer=layer, target_class=target_class, roi=roi,
                                       spatial_dims=spatial_dims, slice_axis=slice_axis, normalize=normalize,
                                       device=device, batch_size=batch_size, progress=progress, multilabel=multilabel,
-                                      probabilities=probabilities)
+                                      probabilities=probabilities, output_key=output_key)
     for message in result.warnings:
         _warnings.warn(message, SegHiResCAMWarning, stacklevel=2)
     return result.heatmap
 
 
-def kernel_weighted_detailed(model: nn.Module, image, *, layer: str, target_class: int, roi=None,
-                             spatial_dims: int | None = None, slice_axis: int = 0, normalize: bool = True,
+def kernel_weighted_detailed(model: nn.Module, image, *, layer: str | None = None, target_class: int, roi=None,
+                             spatial_dims: int | None = None, slice_axis: int | None = None, normalize: bool = True,
                              device: str = "auto", batch_size: int | None = None,
                              progress: Callable[[float, str], None] | None = None,
-                             multilabel: bool = False, probabilities: bool = False) -> KernelWeights:
+                             multilabel: bool | None = None, probabilities: bool | None = None,
+                             output_key: int | str | None = None) -> KernelWeights:
     """Like :func:`kernel_weighted_contribution`, returning the weights, D_k, I_k and S too."""
-    settings = ExplainSettings(target_class=target_class, layers=(layer,), methods=(NAME,), device=device,
-                               slice_axis=slice_axis, multilabel=multilabel, probabilities=probabilities,
-                               normalize=normalize, batch_size=batch_size)
+    settings = ExplainSettings(target_class=target_class, layers=() if layer is None else (layer,), methods=(NAME,),
+                               device=device, slice_axis=slice_axis, multilabel=multilabel,
+                               probabilities=probabilities, output_key=output_key, normalize=normalize,
+                               batch_size=batch_size)
     method = KernelWeightedContribution(pairs_per_pass=batch_size)
     result = explain_samples(model, image, settings, [method], roi=roi, spatial_dims=spatial_dims, progress=progress)
-    found = method.found.get(layer)
+    found = next(iter(method.found.values()), None)  # one layer: the given one, or the model card's
     if found is None:  # the region is empty: nothing was ablated
         none = np.zeros(0, np.float64)
         return KernelWeights(result.heatmap, none, none, none, 0.0, result.roi_voxels, result.device, result.seconds,

@@ -135,16 +135,18 @@ class _LiveTensorBytes(TorchDispatchMode):
         return out
 
 
-def step_peak_bytes(model: nn.Module, probe: torch.Tensor, layers: Sequence[str], methods: int = 1) -> int:
+def step_peak_bytes(model: nn.Module, probe: torch.Tensor, layers: Sequence[str], methods: int = 1,
+                    output_key: int | str | None = None) -> int:
     """Peak bytes of tensors alive during one explanation step of the engine on ``probe`` ``(B, C, *spatial)``.
 
     The step is the engine's: forward with activations (graph from the layer on), a region
     target on every class-0 voxel, ``autograd.grad`` to the layers, ``methods`` maps per layer
-    upsampled to the input.
+    upsampled to the input. ``output_key`` picks the segmentation among several outputs
+    (``engine.capture.select_output``).
     """
     existing = [probe, *model.parameters(), *model.buffers()]
     with prepared_model(model, probe.device), _LiveTensorBytes(existing) as counter:
-        output, activations = forward_with_activations(model, probe, list(layers))
+        output, activations = forward_with_activations(model, probe, list(layers), output_key)
         output = segmentation_output(output, probe, 0)
         score = output[:, 0].sum()
         gradients = torch.autograd.grad(score, activations, allow_unused=True)
@@ -164,14 +166,14 @@ def _probe_shape(spatial: Sequence[int], divisible_by: int) -> tuple[int, ...]:
 
 
 def _scaled_sample_bytes(model: nn.Module, channels: int, spatial: Sequence[int], layers: Sequence[str],
-                         methods: int, divisible_by: int, device: torch.device) -> int:
+                         methods: int, divisible_by: int, device: torch.device, output_key: int | str | None) -> int:
     """One sample's step at ``spatial``, from a probe at a small size scaled by the voxel ratio."""
     probe_spatial = _probe_shape(spatial, divisible_by)
     accepted = getattr(model, "accepted_shape", None)  # a static-shape program runs at its own size only
     if accepted is not None:
         probe_spatial = tuple(accepted((1, channels, *probe_spatial))[2:])
     probe = torch.zeros((1, channels, *probe_spatial), device=device, dtype=_model_dtype(model))
-    peak = step_peak_bytes(model, probe, layers, methods)
+    peak = step_peak_bytes(model, probe, layers, methods, output_key)
     return int(peak * math.prod(spatial) / math.prod(probe_spatial))
 
 
@@ -183,7 +185,8 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
 
 
 def estimate_whole_volume(model: nn.Module, image_shape: Sequence[int], *, layers: Sequence[str], classes: int,
-                          methods: int = 1, divisible_by: int = 1, device: str = "auto") -> MemoryEstimate:
+                          methods: int = 1, divisible_by: int = 1, device: str = "auto",
+                          output_key: int | str | None = None) -> MemoryEstimate:
     """Peak memory of today's one-pass explanation of a 3D model on ``image_shape`` ``(C, *spatial)``.
 
     (A 2D model on a volume runs slices in memory-sized batches; estimate one slice as a window.)
@@ -191,7 +194,7 @@ def estimate_whole_volume(model: nn.Module, image_shape: Sequence[int], *, layer
     resolved = resolve_device(device)
     channels, spatial = int(image_shape[0]), tuple(int(s) for s in image_shape[1:])
     voxels = math.prod(spatial)
-    sample = _scaled_sample_bytes(model, channels, spatial, layers, methods, divisible_by, resolved)
+    sample = _scaled_sample_bytes(model, channels, spatial, layers, methods, divisible_by, resolved, output_key)
     # input copy; the region; per method and layer the map and its float32 copy handed back
     volume = 4 * voxels * (channels + 1 + 2 * methods * len(layers))
     del classes  # the output is part of the probe's count
@@ -200,7 +203,8 @@ def estimate_whole_volume(model: nn.Module, image_shape: Sequence[int], *, layer
 
 def estimate_windows(model: nn.Module, image_shape: Sequence[int], *, layers: Sequence[str], classes: int,
                      window: SlidingWindow, methods: int = 1, batch_size: int = 1, default_region: bool = True,
-                     target: str = "logits", divisible_by: int = 1, device: str = "auto") -> MemoryEstimate:
+                     target: str = "logits", divisible_by: int = 1, device: str = "auto",
+                     output_key: int | str | None = None) -> MemoryEstimate:
     """Peak memory of a sliding-window explanation of ``image_shape`` ``(C, *spatial)``.
 
     ``batch_size`` windows run at once. The volume-sized planes follow the run's phases: the
@@ -214,7 +218,8 @@ def estimate_windows(model: nn.Module, image_shape: Sequence[int], *, layers: Se
     dims = len(window.patch_size)
     padded = [max(s, p) for s, p in zip(spatial[len(spatial) - dims:], window.patch_size)]
     voxels = math.prod(spatial[: len(spatial) - dims]) * math.prod(padded)
-    sample = _scaled_sample_bytes(model, channels, window.patch_size, layers, methods, divisible_by, resolved)
+    sample = _scaled_sample_bytes(model, channels, window.patch_size, layers, methods, divisible_by, resolved,
+                                  output_key)
     per_batch = sample * max(1, int(batch_size))  # a batch holds windows, or flips of windows
     padded_copy = channels if tuple(padded) != spatial[len(spatial) - dims:] else 0
     predicted = classes if (default_region or target != "logits") else 0
@@ -232,7 +237,8 @@ def estimate_windows(model: nn.Module, image_shape: Sequence[int], *, layers: Se
 
 def auto_window(model: nn.Module, image_shape: Sequence[int], *, layers: Sequence[str], classes: int,
                 card_window: SlidingWindow | None = None, methods: int = 1, divisible_by: int = 1,
-                device: str = "auto", budget_bytes: int | None = None) -> tuple[SlidingWindow | None, MemoryEstimate]:
+                device: str = "auto", budget_bytes: int | None = None,
+                output_key: int | str | None = None) -> tuple[SlidingWindow | None, MemoryEstimate]:
     """What "auto" runs: the card's own tiling if it has one; else the whole volume when its estimate
     fits; else the largest cubic window (a multiple of ``divisible_by``, halving from the image's size)
     whose estimate fits. The estimate comes back too, so a caller can show it, or refuse with it when
@@ -241,7 +247,8 @@ def auto_window(model: nn.Module, image_shape: Sequence[int], *, layers: Sequenc
     ``budget_bytes`` replaces the usable share of the device's free memory (for tests and callers
     that reserve memory of their own).
     """
-    kwargs = dict(layers=layers, classes=classes, methods=methods, divisible_by=divisible_by, device=device)
+    kwargs = dict(layers=layers, classes=classes, methods=methods, divisible_by=divisible_by, device=device,
+                  output_key=output_key)
 
     def fits(estimate: MemoryEstimate) -> bool:
         return estimate.fits if budget_bytes is None else estimate.peak_bytes <= budget_bytes

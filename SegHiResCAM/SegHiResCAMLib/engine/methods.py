@@ -90,7 +90,7 @@ METHODS: dict[str, Method] = {
 @dataclass(frozen=True)
 class Preparation:
     """What a method's :meth:`HeatmapMethod.prepare` may run on (the model is already prepared:
-    eval mode, on ``device``).
+    in its owner's inference mode, on ``device``).
 
     Attributes:
         model: the network.
@@ -100,6 +100,7 @@ class Preparation:
         device: where the model runs.
         layers: the layers explained.
         class_index, multilabel, probabilities: the target's class and how outputs are read.
+        output_key: which of several outputs is the segmentation (``engine.capture.select_output``).
         progress: this stage's share of the bar (None: report nothing).
     """
 
@@ -112,6 +113,7 @@ class Preparation:
     class_index: int
     multilabel: bool
     probabilities: bool
+    output_key: int | str | None
     progress: ProgressCallback | None
 
 

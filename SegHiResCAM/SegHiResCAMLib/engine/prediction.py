@@ -17,6 +17,7 @@ from ..windows import SlidingWindow
 from .arrange import arrange_samples, image_tensor
 from .capture import segmentation_output
 from .device import fitting_count, in_chunks, prepared_model, resolve_device
+from .held_model import held_model
 from .sliding_window import predict as fused_logits
 from .targets import class_probabilities, predicted_roi
 
@@ -31,24 +32,29 @@ def predicted_mask(model: nn.Module, image, settings: ExplainSettings, *,
     probabilities); for the probability-threshold target, probability > ``target_threshold``. With
     ``window`` the rule reads the model's fused sliding-window logits (``sliding_window.predict``, the
     ones the windowed explanation's default region reads); without, one pass (a 2D model over a
-    volume slice by slice along ``settings.slice_axis``). The model is left as found.
+    volume slice by slice along ``settings.slice_axis``). The model runs in its owner's inference
+    mode and is left as found.
 
     Args:
-        model: the network, output ``(N, classes, *spatial)``.
+        model: the network, output ``(N, classes, *spatial)``; a TorchScript module or a
+            ``LoadedModel`` too, as for ``explain`` (the card fills what the settings leave open).
         image: ``(C, *spatial)`` on the model's grid.
-        settings: resolved for the engine (a class index; None means 0 / False for slice axis,
-            multilabel and probabilities).
+        settings: a class index (or a name the card knows); None means 0 / False / False / the
+            full-resolution output for slice axis, multilabel, probabilities and output_key.
         spatial_dims: the model's spatial dims (2 for slice by slice over a volume).
 
     Returns:
         bool array of ``image.shape[1:]``.
     """
-    class_index = int(settings.target_class)
+    held = held_model(model)
+    model, settings, spatial_dims = held.module, held.settings(settings), held.spatial_dims(spatial_dims, image)
+    class_index = settings.target_class
     multilabel, probabilities = bool(settings.multilabel), bool(settings.probabilities)
     slice_axis = 0 if settings.slice_axis is None else settings.slice_axis
     if window is not None:
         fused = torch.from_numpy(fused_logits(model, image, sliding_window=window, device=settings.device,
-                                              slice_axis=slice_axis, batch_size=settings.batch_size))
+                                              slice_axis=slice_axis, batch_size=settings.batch_size,
+                                              output_key=settings.output_key))
         return _region_rule(fused[None], settings, class_index)[0].numpy()
     samples, _, layout = arrange_samples(image_tensor(image, model), None, spatial_dims, slice_axis)
     spatial = tuple(samples.shape[2:])
@@ -58,7 +64,7 @@ def predicted_mask(model: nn.Module, image, settings: ExplainSettings, *,
 
         def predict(index: torch.Tensor) -> None:
             batch = samples[index].to(device)
-            output = segmentation_output(model(batch), batch, class_index)
+            output = segmentation_output(model(batch), batch, class_index, settings.output_key)
             mask = _region_rule(output, settings, class_index)
             if tuple(mask.shape[1:]) != spatial:  # an output grid coarser or finer than the input's
                 mask = F.interpolate(mask[:, None].float(), size=spatial, mode="nearest")[:, 0] > 0.5

@@ -33,6 +33,7 @@ weights over the number of flips, and its map is flipped back before it is added
 from __future__ import annotations
 
 import contextlib
+import warnings as _warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -40,10 +41,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InputError, LayerError, ModelError
+from ..errors import InputError, LayerError, ModelError, SegHiResCAMWarning
 from ..windows import SlidingWindow
+from .arrange import image_tensor, region_tensor
 from .capture import check_layers, forward_with_activations, segmentation_output
 from .device import fitting_count, in_chunks, is_out_of_memory, prepared_model, resolve_device
+from .held_model import held_model
 from .methods import METHODS
 from .resize import combine_layer_maps, upsample_to
 from .targets import TARGETS, per_sample_scores
@@ -147,15 +150,8 @@ def _arrange(image: torch.Tensor, roi, window: SlidingWindow, slice_axis: int):
             f"a {dims}D patch {window.patch_size} does not fit an image of spatial shape {spatial}; give a patch with "
             "one size per axis of the model (2 for a 2D model, also on volumes; 3 for a 3D model)"
         )
-    roi_t = None
-    if roi is not None:
-        roi_t = roi.detach() if isinstance(roi, torch.Tensor) else torch.as_tensor(np.asarray(roi))
-        if tuple(roi_t.shape) != spatial:
-            raise InputError(
-                f"the region has shape {tuple(roi_t.shape)} but the image's spatial shape is {spatial}; "
-                "give a mask on the same grid as the image"
-            )
-        roi_t = roi_t.to(image.dtype) if roi_t.dtype.is_floating_point else (roi_t != 0).to(image.dtype)
+    roi_t = region_tensor(roi, spatial)
+    roi_t = None if roi_t is None else roi_t.to(image.dtype)
     if axis is not None:
         image = image.movedim(1 + axis, 1)
         roi_t = None if roi_t is None else roi_t.movedim(axis, 0)
@@ -176,22 +172,6 @@ def _arrange(image: torch.Tensor, roi, window: SlidingWindow, slice_axis: int):
     return _Grid(image, window, axis, tuple(pads), tuple(corners)), roi_t
 
 
-def _image_tensor(image, model: nn.Module) -> torch.Tensor:
-    tensor = image if isinstance(image, torch.Tensor) else torch.as_tensor(np.asarray(image))
-    if tensor.dtype.is_complex or not (tensor.dtype.is_floating_point or tensor.dtype in (
-            torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool)):
-        raise InputError(f"the image has data type {tensor.dtype}; give real-valued intensities")
-    floating = [p.dtype for p in list(model.parameters()) + list(model.buffers()) if p.dtype.is_floating_point]
-    tensor = tensor.detach().to(floating[0] if floating else torch.float32)
-    if tensor.ndim < 3:
-        raise InputError(
-            f"the image has shape {tuple(tensor.shape)}; give (channels, *spatial), e.g. (1, 64, 64) or (1, 96, 96, 96)"
-        )
-    if not torch.isfinite(tensor).all():
-        raise InputError("the image contains NaN or infinite values; fix or mask them before explaining")
-    return tensor
-
-
 # ----------------------------------------------------------------------------- running windows
 
 
@@ -199,9 +179,11 @@ class _Runner:
     """Runs the model over windows in memory-sized batches; flips, mixed precision and progress."""
 
     def __init__(self, model: nn.Module, grid: _Grid, device: torch.device, accumulate_on: torch.device,
-                 mixed_precision: bool, progress: ProgressCallback | None, batch_size: int | None) -> None:
+                 mixed_precision: bool, progress: ProgressCallback | None, batch_size: int | None,
+                 output_key: int | str | None) -> None:
         self.model, self.grid, self.device, self.accumulate_on = model, grid, device, accumulate_on
         self.mixed_precision, self.progress, self.batch_size = mixed_precision, progress, batch_size
+        self.output_key = output_key
         self.flips = mirror_combinations(grid.window.mirror_axes)
         self.weight = torch.from_numpy(importance_map(grid.window.patch_size, grid.window.gaussian))
         self.dtype = torch.float64 if grid.image.dtype == torch.float64 else torch.float32
@@ -267,7 +249,7 @@ class _Runner:
                 for flip in self.flips:
                     dims = [2 + a for a in flip]
                     out = self.model(batch.flip(dims) if flip else batch)
-                    out = _checked_output(out, batch, self.grid.window).to(self.dtype)
+                    out = _checked_output(out, batch, self.grid.window, self.output_key).to(self.dtype)
                     out = out.flip(dims) if flip else out
                     total = out if total is None else total + out
             total = total / len(self.flips) * weight
@@ -300,8 +282,8 @@ class _Runner:
                 part = share[(slice(None), *place)] * (weight / denominator[place]) / len(self.flips)
                 shares.append(part.flip([1 + a for a in flip]) if flip else part)
             with self.autocast():
-                output, activations = forward_with_activations(self.model, batch, layers)
-                output = _checked_output(output, batch, self.grid.window)
+                output, activations = forward_with_activations(self.model, batch, layers, self.output_key)
+                output = _checked_output(output, batch, self.grid.window, self.output_key)
                 score = (output[:, classes].to(self.dtype) * torch.stack(shares).to(self.device)).sum()
             gradients = torch.autograd.grad(score, activations, allow_unused=True)
             del output, score
@@ -326,8 +308,8 @@ class _Runner:
         return maps
 
 
-def _checked_output(output, batch: torch.Tensor, window: SlidingWindow) -> torch.Tensor:
-    output = segmentation_output(output, batch, 0)
+def _checked_output(output, batch: torch.Tensor, window: SlidingWindow, output_key: int | str | None) -> torch.Tensor:
+    output = segmentation_output(output, batch, 0, output_key)
     if tuple(output.shape[2:]) != tuple(batch.shape[2:]):
         raise ModelError(
             f"the model's output has spatial size {tuple(output.shape[2:])} for a window of {tuple(batch.shape[2:])}; "
@@ -395,11 +377,13 @@ def _target_gradient(fused: torch.Tensor | None, roi: torch.Tensor | None, grid:
 
 def predict(model: nn.Module, image, *, sliding_window: SlidingWindow | None = None, device: str = "auto",
             slice_axis: int = 0, mixed_precision: bool = False, progress: ProgressCallback | None = None,
-            batch_size: int | None = None) -> np.ndarray:
+            batch_size: int | None = None, output_key: int | str | None = None) -> np.ndarray:
     """The model's fused logits over the whole image, as its own sliding-window inference gives them.
 
     Args:
-        model: ``torch.nn.Module`` whose output is ``(N, classes, *patch)`` for an input ``(N, C, *patch)``.
+        model: ``torch.nn.Module`` whose output is ``(N, classes, *patch)`` for an input ``(N, C, *patch)``,
+            a TorchScript module or a ``LoadedModel`` (its card gives ``output_key``); it runs in its
+            owner's inference mode (a model wholly in training mode in eval mode, with a warning).
         image: ``(channels, *spatial)`` array or tensor on the model's grid.
         sliding_window: the tiling; None runs the whole image as one window (a 3D model, or a 2D
             model on a 2D image).
@@ -408,27 +392,33 @@ def predict(model: nn.Module, image, *, sliding_window: SlidingWindow | None = N
         mixed_precision: run the forward under bf16 autocast (fused in float32).
         progress: ``progress(fraction, message)`` after each batch of windows; raising in it stops the run.
         batch_size: windows per batch (default: sized to the free memory).
+        output_key: for a model returning a tuple, list or dict, the segmentation's entry (see
+            ``engine.capture.select_output``).
 
     Returns:
         float32 ``(classes, *spatial)``: ``sum_w g_w z_w / sum_w g_w`` with the padding removed.
     """
-    tensor = _image_tensor(image, model)
+    held = held_model(model)
+    model, output_key = held.module, held.output_key(output_key)
+    for message in held.notes:
+        _warnings.warn(message, SegHiResCAMWarning, stacklevel=2)
+    tensor = image_tensor(image, model)
     # None: the whole image as one window (weights 1, so Z is the model's output itself)
     window = sliding_window or SlidingWindow(tuple(tensor.shape[1:]), step=1.0, gaussian=False)
     grid, _ = _arrange(tensor, None, window, slice_axis)
     resolved = resolve_device(device)
     with prepared_model(model, resolved):
         try:
-            fused = _predict_on(model, grid, resolved, mixed_precision, progress, batch_size)
+            fused = _predict_on(model, grid, resolved, mixed_precision, progress, batch_size, output_key)
         except _GpuExhausted:
-            fused = _predict_on(model, grid, torch.device("cpu"), mixed_precision, progress, batch_size)
+            fused = _predict_on(model, grid, torch.device("cpu"), mixed_precision, progress, batch_size, output_key)
     return grid.restore(fused).to(torch.float32).cpu().numpy()
 
 
-def _predict_on(model, grid, device, mixed_precision, progress, batch_size) -> torch.Tensor:
+def _predict_on(model, grid, device, mixed_precision, progress, batch_size, output_key) -> torch.Tensor:
     model.to(device)  # prepared_model puts it back where it was
     runner = _Runner(model, grid, device, _accumulator_device(device, int(np.prod(grid.padded)), 8), mixed_precision,
-                     progress, batch_size)
+                     progress, batch_size, output_key)
     runner.total = len(grid.corners)
     return runner.fused_logits(runner.denominator())
 
@@ -453,11 +443,14 @@ def explain_windows(
     mixed_precision: bool = False,
     progress: ProgressCallback | None = None,
     batch_size: int | None = None,
+    output_key: int | str | None = None,
 ) -> WindowedExplanation:
     """Class activation maps of the model's fused sliding-window prediction (see the module docstring).
 
     Args:
-        model: ``torch.nn.Module`` whose output is ``(N, classes, *patch)`` for an input ``(N, C, *patch)``.
+        model: ``torch.nn.Module`` whose output is ``(N, classes, *patch)`` for an input ``(N, C, *patch)``,
+            a TorchScript module or a ``LoadedModel`` (its card gives ``output_key``); it runs in its
+            owner's inference mode (a model wholly in training mode in eval mode, with a warning).
         image: ``(channels, *spatial)`` array or tensor on the model's grid.
         layers: layer names; several give the mean of the layers' maps, each divided by its maximum.
         class_index: the class c (output channel).
@@ -477,10 +470,14 @@ def explain_windows(
         progress: ``progress(fraction, message)`` after each batch of windows; an exception raised in it
             (``CancelledError``) stops the run between windows, the model and its hooks left as found.
         batch_size: windows per batch (default: sized to the free memory).
+        output_key: for a model returning a tuple, list or dict, the segmentation's entry (see
+            ``engine.capture.select_output``).
 
     Returns:
         a :class:`WindowedExplanation`.
     """
+    held = held_model(model)
+    model, output_key = held.module, held.output_key(output_key)
     layers = [layers] if isinstance(layers, str) else list(layers)
     if not layers:
         raise InputError("no layer was given; pick at least one layer to explain")
@@ -494,12 +491,12 @@ def explain_windows(
     if target not in TARGETS:
         raise InputError(f"target {target!r} is unknown; choose one of {', '.join(TARGETS)}")
     check_layers(model, layers)
-    tensor = _image_tensor(image, model)
+    tensor = image_tensor(image, model)
     grid, roi_t = _arrange(tensor, roi, window, slice_axis)
     resolved = resolve_device(device)
-    notes: list[str] = []
+    notes: list[str] = list(held.notes)
     job = _ExplainJob(model, grid, roi_t, layers, int(class_index), methods, target, float(target_threshold),
-                      multilabel, probabilities, mixed_precision, progress, batch_size)
+                      multilabel, probabilities, mixed_precision, progress, batch_size, output_key)
     with prepared_model(model, resolved):
         try:
             stitched, voxels, explained = job.run(resolved)
@@ -534,18 +531,19 @@ class _ExplainJob:
     """The fused target's split over windows, then the windows' backward passes."""
 
     def __init__(self, model, grid, roi, layers, class_index, methods, target, threshold, multilabel, probabilities,
-                 mixed_precision, progress, batch_size) -> None:
+                 mixed_precision, progress, batch_size, output_key) -> None:
         self.model, self.grid, self.roi, self.layers = model, grid, roi, layers
         self.class_index, self.methods, self.target, self.threshold = class_index, methods, target, threshold
         self.multilabel, self.probabilities = multilabel, probabilities
         self.mixed_precision, self.progress, self.batch_size = mixed_precision, progress, batch_size
+        self.output_key = output_key
 
     def run(self, device: torch.device):
         needs_prediction = self.roi is None or self.target != "logits"
         planes = 2 + len(self.methods) * len(self.layers) + (4 if needs_prediction else 1)
         accumulate_on = _accumulator_device(device, int(np.prod(self.grid.padded)), planes)
         runner = _Runner(self.model, self.grid, device, accumulate_on, self.mixed_precision, self.progress,
-                         self.batch_size)
+                         self.batch_size, self.output_key)
         denominator = runner.denominator()
         # until the region is known, assume every window will be explained after the prediction
         runner.total = len(self.grid.corners) * (2 if needs_prediction else 1)

@@ -25,9 +25,11 @@ import torch
 from torch import nn
 
 from ..errors import InputError, SegHiResCAMWarning
+from ..settings import ExplainSettings
 from .capture import segmentation_output
 from .device import fitting_count, in_chunks, prepared_model, resolve_device
 from .arrange import arrange_samples, image_tensor
+from .held_model import held_model
 from .targets import roi_prediction
 
 
@@ -43,13 +45,15 @@ class MaskingScores:
 
 
 def masking_scores(model: nn.Module, image, heatmap, *, target_class: int, roi=None, threshold: float | None = None,
-                   baseline: float = 0.0, spatial_dims: int | None = None, slice_axis: int = 0,
-                   device: str = "auto", multilabel: bool = False, probabilities: bool = False) -> MaskingScores:
+                   baseline: float = 0.0, spatial_dims: int | None = None, slice_axis: int | None = None,
+                   device: str = "auto", multilabel: bool | None = None, probabilities: bool | None = None,
+                   output_key: int | str | None = None) -> MaskingScores:
     """Score a heatmap by masking the image with it and predicting again.
 
     Args:
-        model, image, target_class, roi, spatial_dims, slice_axis, device, multilabel, probabilities: as in
-            :func:`engine.explain.explain` (roi None = the model's own prediction on ``image``).
+        model, image, target_class, roi, spatial_dims, slice_axis, device, multilabel, probabilities,
+            output_key: as in :func:`engine.explain.explain` (roi None = the model's own prediction on
+            ``image``; a ``LoadedModel``'s card gives what is left as None).
         heatmap: array of the image's spatial shape with values in [0, 1] (a normalised map).
         threshold: None multiplies the image by the map; a number keeps the voxels whose map
             value is above it, unchanged, and sets the others to ``baseline``.
@@ -61,6 +65,14 @@ def masking_scores(model: nn.Module, image, heatmap, *, target_class: int, roi=N
     Raises:
         InputError: the heatmap has the wrong shape, NaN values or values outside [0, 1].
     """
+    held = held_model(model)
+    model, spatial_dims = held.module, held.spatial_dims(spatial_dims, image)
+    chosen = held.settings(ExplainSettings(target_class=target_class, device=device, slice_axis=slice_axis,
+                                           multilabel=multilabel, probabilities=probabilities, output_key=output_key))
+    target_class, slice_axis = chosen.target_class, 0 if chosen.slice_axis is None else chosen.slice_axis
+    multilabel, probabilities = bool(chosen.multilabel), bool(chosen.probabilities)
+    for message in held.notes:
+        _warnings.warn(message, SegHiResCAMWarning, stacklevel=2)
     image_t = image_tensor(image, model)
     kept_fraction = _kept_fraction(heatmap, tuple(image_t.shape[1:]), threshold)
     keep = kept_fraction.to(image_t.dtype)
@@ -74,7 +86,7 @@ def masking_scores(model: nn.Module, image, heatmap, *, target_class: int, roi=N
 
         def predict_both(index: torch.Tensor) -> None:
             batch = torch.cat([samples[index], masked_samples[index]]).to(run_device)
-            output = segmentation_output(model(batch), batch, target_class)
+            output = segmentation_output(model(batch), batch, target_class, chosen.output_key)
             given = None if roi_t is None else roi_t[index].to(run_device)
             original, weights = roi_prediction(output[: len(index)], target_class, given, multilabel, probabilities)
             changed, _ = roi_prediction(output[len(index):], target_class, weights, multilabel, probabilities)

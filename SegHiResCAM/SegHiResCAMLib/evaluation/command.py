@@ -2,9 +2,11 @@
 
     seghirescam evaluate --image I --model M --class C [--roi R] --layer L [--layer L2 ...]
                          --methods m1 m2 ... --out DIR
+    seghirescam evaluate --cases cases.csv --model M --class C ... --out DIR
 
 writes ``DIR/metrics.csv`` (case, method, layer, metric, value), ``DIR/report.html`` and its
-pictures (see :mod:`report`). This module imports nothing heavy at import time: the command
+pictures (see :mod:`report`); with ``--cases`` (the table of ``seghirescam batch``), one report
+per case and one across the cases, resumable (see :mod:`cohort`). This module imports nothing heavy at import time: the command
 line's parser is built without torch.
 """
 
@@ -25,7 +27,12 @@ DESCRIPTION = ("Explain CLASS of MODEL on IMAGE with each method at each layer, 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``evaluate`` command's options."""
-    parser.add_argument("--image", required=True, metavar="PATH", help="NRRD, NIfTI, or a DICOM series folder")
+    inputs = parser.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--image", metavar="PATH", help="NRRD, NIfTI, or a DICOM series folder")
+    inputs.add_argument("--cases", metavar="CSV|DIR",
+                        help="a cohort instead of one image: a CSV table as for 'seghirescam batch' (columns image, "
+                        "image_2..., roi, roi_label, case, class) or a folder of images; DIR then gets one report per "
+                        "case, metrics.csv and report.html across the cases, and a rerun resumes")
     parser.add_argument("--model", required=True, metavar="PATH", help="model file or folder (as for explain)")
     parser.add_argument("--class", dest="target_class", required=True, metavar="C", help="class index or class name")
     parser.add_argument("--roi", metavar="PATH", help="label file of the region (default: the model's own prediction of C)")
@@ -34,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="layer to explain, each evaluated on its own; repeat for several (default: the card's)")
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="M",
                         help=f"methods to compare (default: {' '.join(DEFAULT_METHODS)}; also kernel-weighted-contribution)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="report folder to create (must be new or empty)")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="report folder to create (must be new or empty; with --cases, or this evaluation's own)")
     parser.add_argument("--baseline", default="blur", metavar="B",
                         help="what replaces removed voxels: blur (default), mean, zero, noise, impute (3D harmonic fill)")
     parser.add_argument("--steps", type=int, default=20, help="deletion/insertion steps (default 20)")
@@ -87,11 +95,15 @@ def run(args: argparse.Namespace) -> int:
     """Run ``seghirescam evaluate``; returns the exit status."""
     from ..io.images import read_image, read_mask
     from ..models.loading import load_model
+    from ..pictures import region_label
     from ..pipeline import resolve_class
+    from .cohort import class_label
     from .report import ReportInfo, check_output_folder, write_report
     from .suite import evaluate_case
 
     settings = settings_from(args)
+    if args.cases is not None:
+        return run_cases(args, settings)
     out = check_output_folder(args.out)
     image = read_image(args.image)
     roi_label = args.roi_label
@@ -102,15 +114,9 @@ def run(args: argparse.Namespace) -> int:
     random_labels = load_model(args.random_labels_model, trust_code=args.trust_code) if args.random_labels_model else None
     target = int(args.target_class) if args.target_class.lstrip("-").isdigit() else args.target_class
     class_index = resolve_class(target, loaded.card.class_names)
-    layers = list(dict.fromkeys(args.layer)) if args.layer else [loaded.card.default_layer]
-    if layers == [None]:
-        from ..errors import InputError
-
-        raise InputError(f"the model card of {loaded.card.name!r} names no default layer; choose one with --layer")
-    names = loaded.card.class_names
-    class_name = f"{class_index} ({names[class_index]})" if class_index < len(names) else str(class_index)
-    region = (f"{Path(args.roi).name}" + (f", label {args.roi_label}" if args.roi_label else "")) if args.roi \
-        else "the model's own prediction"
+    layers = _layers(args, loaded)
+    class_name = class_label(class_index, loaded.card.class_names)
+    region = region_label(args.roi, args.roi_label)
     case = Path(args.image).name
     talk = sys.stderr.isatty()
 
@@ -130,3 +136,58 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {page} and {out / 'metrics.csv'} ({len(result.rows)} values: {len(settings.methods)} methods and "
           f"{len(settings.baselines)} baseline maps at {len(layers)} layer(s))", flush=True)
     return 0
+
+
+def run_cases(args: argparse.Namespace, settings) -> int:
+    """``seghirescam evaluate --cases``: every case, then one table and report; 1 when a case failed."""
+    from ..cohort.cases import read_cases
+    from ..errors import InputError
+    from ..models.loading import load_model
+    from ..pipeline import resolve_class
+    from .cohort import FAILED, STATUS_FILE, CohortEvaluation, check_cohort_folder, evaluate_cohort
+
+    if args.roi or args.roi_label:
+        raise InputError("--roi and --roi-label name one image's region; with --cases give each case's in the "
+                         "table's roi and roi_label columns")
+    cases = read_cases(args.cases)
+    loaded = load_model(args.model, trust_code=args.trust_code)
+    random_labels = load_model(args.random_labels_model, trust_code=args.trust_code) if args.random_labels_model else None
+    target = int(args.target_class) if args.target_class.lstrip("-").isdigit() else args.target_class
+    resolve_class(target, loaded.card.class_names)  # the cases' default class, checked before any case
+    job = CohortEvaluation(loaded=loaded, model=str(args.model), settings=settings, target_class=target,
+                           layers=tuple(_layers(args, loaded)), random_labels=random_labels,
+                           random_labels_path=args.random_labels_model)
+    out = check_cohort_folder(args.out, job.fingerprint())
+    talk = sys.stderr.isatty()
+
+    def progress(fraction: float, message: str) -> None:
+        if talk:
+            print(f"\r[{fraction * 100:3.0f}%] {message}".ljust(79)[:79], end="", file=sys.stderr, flush=True)
+
+    def on_case(outcome) -> None:
+        if talk:
+            print(file=sys.stderr)
+        if outcome.status == FAILED:
+            print(f"seghirescam: warning: case {outcome.case} failed: {outcome.error}", file=sys.stderr, flush=True)
+        for message in outcome.warnings:
+            print(f"seghirescam: warning: case {outcome.case}: {message}", file=sys.stderr, flush=True)
+
+    outcomes = evaluate_cohort(cases, job, out, viewer=not args.no_viewer, on_case=on_case, progress=progress)
+    failed = [o for o in outcomes if o.status == FAILED]
+    print(f"{len(outcomes) - len(failed)} of {len(outcomes)} cases evaluated, {len(failed)} failed; wrote "
+          f"{out / 'report.html'}, {out / 'metrics.csv'} and {out / STATUS_FILE}", flush=True)
+    if failed:
+        print(f"seghirescam: error: {len(failed)} of {len(outcomes)} cases failed (see {out / STATUS_FILE}); fix them "
+              "and run the same command again to redo only those", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def _layers(args: argparse.Namespace, loaded) -> list[str]:
+    """The layers to evaluate: --layer (each once), else the model card's default."""
+    from ..errors import InputError
+
+    layers = list(dict.fromkeys(args.layer)) if args.layer else [loaded.card.default_layer]
+    if layers == [None]:
+        raise InputError(f"the model card of {loaded.card.name!r} names no default layer; choose one with --layer")
+    return layers

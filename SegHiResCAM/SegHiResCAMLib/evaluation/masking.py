@@ -31,7 +31,6 @@ def masking_scores_on_volume(scorer: RegionScorer, heatmap: np.ndarray, *, thres
     # Linear resampling of a map in [0, 1] stays in [0, 1] up to rounding: clip that rounding away.
     heat = np.clip(np.asarray(prepared.roi_to_model(np.asarray(heatmap, dtype=np.float32)), np.float64), 0.0, 1.0)
     region = np.asarray(prepared.roi_to_model(scorer.region)).astype(bool)
-    return masking_scores(scorer.loaded.module, prepared.image, heat, target_class=scorer.class_index, roi=region,
-                          threshold=threshold, spatial_dims=card.spatial_dims, slice_axis=card.slice_axis,
-                          device=scorer.device, multilabel=card.multilabel,
-                          probabilities=card.outputs == "probabilities")
+    # The LoadedModel's card gives spatial dims, slice axis, multilabel, probabilities and output key.
+    return masking_scores(scorer.loaded, prepared.image, heat, target_class=scorer.class_index, roi=region,
+                          threshold=threshold, device=scorer.device)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..engine.device import model_device, prepared_model
 from ..errors import InputError
 from .similarity import spearman, ssim
 
@@ -68,7 +69,7 @@ def execution_stages(model: nn.Module, probe: torch.Tensor) -> list[tuple[str, l
             handles.append(module.register_forward_hook(
                 lambda module, inputs, output, name=name: order.append(name) if name not in order else None))
     try:
-        with torch.inference_mode():
+        with prepared_model(shadow, model_device(shadow)), torch.inference_mode():  # run as its owner runs it
             shadow(probe)
     finally:
         for handle in handles:

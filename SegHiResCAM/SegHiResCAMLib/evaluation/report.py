@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import html
+import io
 import math
 import os
 import re
@@ -77,13 +78,20 @@ def check_output_folder(folder: str | Path) -> Path:
     return path
 
 
+def metrics_csv_text(rows: Sequence[tuple[str, str, str, str, float]]) -> str:
+    """The long table (case, method, layer, metric, value) as CSV text; values exact (repr), NaN stays "nan"."""
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["case", "method", "layer", "metric", "value"])
+    for case, method, layer, metric, value in rows:
+        writer.writerow([case, method, layer, metric, repr(float(value))])
+    return text.getvalue()
+
+
 def write_metrics_csv(path: str | Path, rows: Sequence[tuple[str, str, str, str, float]]) -> Path:
-    """Write the long table (case, method, layer, metric, value); NaN stays "nan"."""
+    """Write the long table (:func:`metrics_csv_text`)."""
     with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["case", "method", "layer", "metric", "value"])
-        for case, method, layer, metric, value in rows:
-            writer.writerow([case, method, layer, metric, repr(float(value))])
+        handle.write(metrics_csv_text(rows))
     return Path(path)
 
 
@@ -129,7 +137,7 @@ def write_report(folder: str | Path, results: Sequence[CaseResult], info: Report
             (the first ones); the tables always hold every case.
         viewer: include the interactive 3D view (of the first case).
     """
-    from ..pictures import save_three_planes
+    from ..pictures import picture_title, save_three_planes
     from .plots import save_curves, save_randomisation
 
     folder = check_output_folder(folder)
@@ -149,8 +157,7 @@ def write_report(folder: str | Path, results: Sequence[CaseResult], info: Report
             for layer in layers:
                 names = [method for (lay, method) in result.maps if lay == layer]
                 for method in names:
-                    title = (f"{info.model} · layer {layer} · {method} · class {info.class_name} · "
-                             f"region: {info.region} · {result.case}")
+                    title = picture_title(info.model, layer, method, info.class_name, info.region, result.case)
                     target = work / "pictures" / f"{_safe(result.case)}_{_safe(layer)}_{_safe(method)}.png"
                     save_three_planes(target, result.image, result.maps[(layer, method)], title=title,
                                       region=result.region)
@@ -181,7 +188,9 @@ def write_report(folder: str | Path, results: Sequence[CaseResult], info: Report
                 focus = (first.image.ijk_to_ras @ np.array([i, j, k, 1.0]))[:3]
             section = viewer_section(viewer_data(first.image, maps, first.region, crosshair_ras=focus),
                                      script_src=NIIVUE)
-        (work / "report.html").write_text(_page(results, rows, info, figures, section), encoding="utf-8")
+        page = _page([r.case for r in results], sorted({w for r in results for w in r.warnings}), rows, info,
+                     figures, section)
+        (work / "report.html").write_text(page, encoding="utf-8")
         if folder.exists():
             folder.rmdir()  # empty, checked above
         work.rename(folder)
@@ -197,11 +206,26 @@ def _figure(relative: Path, caption: str) -> str:
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
-def _page(results, rows, info: ReportInfo, figures: list[str], viewer_html: str) -> str:
+def cohort_page(cases: Sequence[str], warnings: Sequence[str], rows, info: ReportInfo, reports: dict[str, str],
+                failed: dict[str, str]) -> str:
+    """The cohort's report page: the tables across ``cases`` with paired comparisons, a link to each
+    case's own report (``reports``: case -> relative path), and the cases that failed with why."""
+    items = "".join(f'<li><a href="{html.escape(path)}">{html.escape(case)}</a></li>' for case, path in reports.items())
+    part = f"<h2>Cases</h2><p class='small'>Each case's own report: pictures, curves, the 3D view.</p><ul>{items}</ul>"
+    if failed:
+        part += (f"<h3>{len(failed)} case{'s' if len(failed) != 1 else ''} failed (not in the tables)</h3><ul>"
+                 + "".join(f"<li><b>{html.escape(case)}</b>: {html.escape(error)}</li>" for case, error in failed.items())
+                 + "</ul>")
+    return _page(cases, warnings, rows, info, [], "", part)
+
+
+def _page(cases: Sequence[str], warnings: Sequence[str], rows, info: ReportInfo, figures: list[str],
+          viewer_html: str, cases_html: str = "") -> str:
+    """The report page: legend, per-layer tables (intervals and paired comparisons over several cases),
+    per-case values, then ``cases_html`` (a cohort's cases), the 3D view, pictures and warnings."""
     from .statistics import bootstrap_mean, paired_comparison
 
     table = by_key(rows)
-    cases = [r.case for r in results]
     layers = _ordered([row[2] for row in rows], [])
     methods = _ordered([row[1] for row in rows], [info.reference, *info.settings.methods])
     metrics = _ordered([row[3] for row in rows], list(METRICS))
@@ -275,13 +299,13 @@ def _page(results, rows, info: ReportInfo, figures: list[str], viewer_html: str)
                 out.append(f"<tr><td>{html.escape(case)}</td><td>{html.escape(layer)}</td>"
                            f"<td>{html.escape(method)}</td>{cells}</tr>")
     out.append("</table></div></details>")
+    out.append(cases_html)
     if viewer_html:
         out.append("<h2>3D view</h2><p class='small'>The first case's image with each method's map as an overlay "
                    "(choose below; drag to move the crosshair, scroll to change slices). Drawn by NiiVue "
                    "(BSD-2, see NIIVUE-LICENSE.txt), offline.</p>" + viewer_html)
     if figures:
         out.append("<h2>Pictures</h2>" + "".join(figures))
-    warnings = sorted({w for r in results for w in r.warnings})
     if warnings:
         out.append("<h2>Warnings</h2><ul>" + "".join(f"<li>{html.escape(w)}</li>" for w in warnings) + "</ul>")
     out.append("<p class='small'>SegHiResCAM evaluation report. A CAM shows where one layer's evidence for one "

@@ -97,7 +97,7 @@ class RegionScorer:
             from ..engine.sliding_window import predict
 
             fused = predict(model, image, sliding_window=self.sliding_window, device=self.device,
-                            slice_axis=card.slice_axis)
+                            slice_axis=card.slice_axis, output_key=card.output_key)
             return torch.from_numpy(fused)[None].to(torch.float64), torch.as_tensor(np.asarray(region))[None]
         samples, roi_t, _ = arrange_samples(image_tensor(image, model), region, card.spatial_dims, card.slice_axis)
         device = resolve_device(self.device)
@@ -106,7 +106,7 @@ class RegionScorer:
             # One sample at a time: perturbed volumes are scored by the dozen, so memory, not speed, limits.
             for index in range(samples.shape[0]):
                 batch = samples[index:index + 1].to(device)
-                output = segmentation_output(model(batch), batch, self.class_index)
+                output = segmentation_output(model(batch), batch, self.class_index, card.output_key)
                 outputs.append(output.to(torch.float64).cpu())
                 regions.append(roi_on_output_grid(roi_t[index:index + 1].to(device), tuple(output.shape[2:])).cpu())
         return torch.cat(outputs), torch.cat(regions)
@@ -149,5 +149,6 @@ def resolve_region(loaded, volume: Volume, class_index: int, roi: np.ndarray | N
         return roi.astype(bool)
     card = loaded.card
     settings = ExplainSettings(target_class=class_index, device=device, slice_axis=card.slice_axis,
-                               multilabel=card.multilabel, probabilities=card.outputs == "probabilities")
+                               multilabel=card.multilabel, probabilities=card.outputs == "probabilities",
+                               output_key=card.output_key)
     return predicted_region_on_volume(loaded, prepare_input(volume, card), settings, card, sliding_window)

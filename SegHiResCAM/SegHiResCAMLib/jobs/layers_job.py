@@ -16,7 +16,7 @@ class LayersJob(WorkerJob):
     """The layers of the model at ``model_path`` with their output shapes for a probe input.
 
     ``result()`` (or ``wait()``) gives the worker's "result" event: ``layers`` (each a dict with
-    ``name``, ``type``, ``output_shape``), ``default_layers`` (the model card's), ``example_shape``,
+    ``name``, ``type``, ``output_shape`` and ``unusable``, why it cannot be explained or None), ``default_layers`` (the model card's), ``example_shape``,
     ``class_names`` and ``spatial_dims``.
     """
 

@@ -6,12 +6,15 @@ heatmap comes back in the volume's own grid.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelError
+from ..errors import InputError, ModelError
+from ..settings import ExplainSettings
 
 INTENSITY_SCHEMES = ("none", "zscore", "ct-window", "minmax", "percentile", "clip-zscore", "per-channel")
 
@@ -48,6 +51,13 @@ class ModelCard:
             numpy-style: (2, 1, 0) for MONAI networks (which see I, J, K), nnU-Net's
             ``transpose_forward``; None = (0, 1, 2).
         crop_nonzero: crop the volume to the bounding box of its non-zero voxels first (nnU-Net).
+        train_mode_modules: submodules that run in training mode when the model is loaded, as their
+            owner runs them (HD-BET keeps its instance norms in training mode so they use each image's
+            own statistics): submodule paths, globs over paths ("*.norm*") or class names
+            ("InstanceNorm3d"); the rest of the network runs in evaluation mode.
+        output_key: for a network whose forward returns a tuple, list or dict (deep supervision,
+            UNet++), the entry that is the segmentation (an index, -1 = the last, or a key); None = the
+            one entry at the input's full resolution (several such entries are refused).
         patch_size: the input size the model was trained on and runs by sliding windows, one entry
             per axis of the model's input grid (nnU-Net plans' ``patch_size``, a MONAI bundle's
             inferer ``roi_size``); None = the model runs on the whole volume.
@@ -74,6 +84,8 @@ class ModelCard:
     divisible_by: int = 1
     transpose: tuple[int, int, int] | None = None
     crop_nonzero: bool = False
+    train_mode_modules: tuple[str, ...] = ()
+    output_key: int | str | None = None
     patch_size: tuple[int, ...] | None = None
     resampling: dict[str, Any] | None = None
     network: dict[str, Any] | None = None
@@ -91,6 +103,14 @@ class ModelCard:
             )
         object.__setattr__(self, "class_names", tuple(self.class_names))
         object.__setattr__(self, "layers", tuple(self.layers))
+        if isinstance(self.train_mode_modules, str) or not all(isinstance(m, str) for m in self.train_mode_modules):
+            raise ModelError("model card: train_mode_modules must be a list of submodule names, globs or class "
+                             f"names, got {self.train_mode_modules!r}")
+        object.__setattr__(self, "train_mode_modules", tuple(self.train_mode_modules))
+        if self.output_key is not None and (isinstance(self.output_key, bool)
+                                            or not isinstance(self.output_key, (int, str))):
+            raise ModelError(f"model card: output_key must be an index or a key of the model's outputs, "
+                             f"got {self.output_key!r}")
         if self.spacing is not None:
             if len(self.spacing) != 3:
                 raise ModelError(f"model card: spacing needs 3 entries (I, J, K), got {list(self.spacing)}")
@@ -129,10 +149,29 @@ class ModelCard:
     def default_layer(self) -> str | None:
         return self.layers[0] if self.layers else None
 
+    def settings_for(self, settings: ExplainSettings) -> ExplainSettings:
+        """``settings`` with what they leave to the model taken from this card: the layers (none
+        given: the default layer, if any), the class index (a class name looked up), and the slice
+        axis, multilabel, probabilities and output_key where they are None.
+
+        Raises:
+            InputError: an unknown class name, or an index outside the card's classes.
+        """
+        return dataclasses.replace(
+            settings,
+            layers=settings.layers or ((self.default_layer,) if self.default_layer else ()),
+            target_class=resolve_class(settings.target_class, self.class_names),
+            slice_axis=self.slice_axis if settings.slice_axis is None else settings.slice_axis,
+            multilabel=self.multilabel if settings.multilabel is None else settings.multilabel,
+            probabilities=(self.outputs == "probabilities") if settings.probabilities is None else settings.probabilities,
+            output_key=self.output_key if settings.output_key is None else settings.output_key,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["class_names"] = list(self.class_names)
         data["layers"] = list(self.layers)
+        data["train_mode_modules"] = list(self.train_mode_modules)
         for key in ("spacing", "transpose", "patch_size"):
             if isinstance(data[key], tuple):
                 data[key] = list(data[key])
@@ -156,6 +195,29 @@ class ModelCard:
         except (OSError, json.JSONDecodeError) as error:
             raise ModelError(f"cannot read the model card {path}: {error}") from error
         return cls.from_dict(data)
+
+
+def resolve_class(target_class: int | str, class_names: Sequence[str]) -> int:
+    """The class index for an index or a class name, checked against the model card.
+
+    Raises:
+        InputError: unknown name, or an index outside the model's classes.
+    """
+    names = list(class_names)
+    if isinstance(target_class, str) and not target_class.strip().lstrip("-").isdigit():
+        lowered = {name.lower(): index for index, name in enumerate(names)}
+        if target_class.lower() in lowered:
+            return lowered[target_class.lower()]
+        listed = ", ".join(f"{i} = {n}" for i, n in enumerate(names)) or "the model card names none"
+        raise InputError(f"the model has no class named {target_class!r}; classes: {listed}")
+    try:
+        index = int(target_class)
+    except (TypeError, ValueError) as error:
+        raise InputError(f"the class must be an index or a class name, got {target_class!r}") from error
+    if index < 0 or (names and index >= len(names)):
+        listed = ", ".join(f"{i} = {n}" for i, n in enumerate(names))
+        raise InputError(f"class {index} does not exist; the model has {len(names)} classes: {listed}")
+    return index
 
 
 def find_card(path: Path) -> Path | None:

@@ -21,17 +21,18 @@ programs in training mode (they return their updated buffers) so they can be ref
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.utils._pytree as pytree
 from torch import fx, nn
 
 from ..errors import ModelError
 from .card import ModelCard
-from .exported_checks import (check_calls, check_inference_program, check_inputs, first_user_output,
-                              needs_functionalization)
+from .exported_checks import check_calls, check_inference_program, check_inputs, needs_functionalization, user_outputs
 from .exported_graph import insert_stand_ins, module_aliases, module_calls
 from .exported_shapes import InputShape
 
@@ -105,8 +106,8 @@ class LayerOutput(nn.Module):
 class ExportedModel(nn.Module):
     """An ``ExportedProgram`` as a module whose submodules are its original module paths.
 
-    ``model(x)`` runs the program and returns its output (the first one when it returns a tuple
-    or list); forward hooks on ``model.get_submodule("decoder.0")`` see that module's output as
+    ``model(x)`` runs the program and returns its output as the original model did (a tensor, or a
+    tuple, list or dict, from which the engine picks the segmentation); forward hooks on ``model.get_submodule("decoder.0")`` see that module's output as
     in the original model. Parameters and buffers keep their original names. ``train()`` and
     ``eval()`` change nothing: a program runs as it was exported (in eval mode, or it is refused).
 
@@ -125,7 +126,10 @@ class ExportedModel(nn.Module):
         functional = program
         if needs_functionalization(program.graph):
             try:
-                functional = program.run_decompositions(decomp_table={})
+                with warnings.catch_warnings():
+                    # torch's own deprecation notices from inside run_decompositions are not the user's to act on
+                    warnings.simplefilter("ignore", FutureWarning)
+                    functional = program.run_decompositions(decomp_table={})
             except Exception as error:  # noqa: BLE001 - torch raises many types; the message says what failed
                 raise ModelError(f"the exported program {name} cannot be made functional for explaining: "
                                  f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from error
@@ -146,8 +150,11 @@ class ExportedModel(nn.Module):
         graph.lint()
         self._graph = graph
         self._runners: dict[str, fx.GraphModule] = {}
-        self._output_index = first_user_output(functional, name)
+        self._outputs, self._output_spec = user_outputs(functional)
         self.to("cpu")
+        # An inference program (others are refused above) runs as exported; its flags say so, so the
+        # engine does not take it for a model left in training mode.
+        self.eval()
 
     # -------------------------------------------------------------- structure
     def _build_tree(self, program: torch.export.ExportedProgram, calls: dict[str, tuple[str, str, int]]) -> None:
@@ -240,11 +247,13 @@ class ExportedModel(nn.Module):
             self._runners[key] = fx.GraphModule(self, graph)
         return self._runners[key]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Run the program on ``x`` (shape checked first) and return its output."""
+    def forward(self, x: torch.Tensor) -> object:
+        """Run the program on ``x`` (shape checked first) and return its output, nested as the model's."""
         x = x.contiguous()
         self.input_shape.check(x)
         inputs = [x if owner is None else (owner._parameters.get(leaf) if leaf in owner._parameters
                                              else owner._buffers[leaf])
                   for owner, leaf in self._sources]
-        return self._runner(x.device)(*inputs)[self._output_index]
+        flat = self._runner(x.device)(*inputs)
+        mine = [flat[index] for index in self._outputs]
+        return mine[0] if self._output_spec is None else pytree.tree_unflatten(mine, self._output_spec)

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelError, UnsafeModelError
+from .model_file import check_export_archive_bytes
 
 # Layout of torch 2.13's archives (torch._C._export.pt2_archive_constants), without importing torch.
 _FORMAT_FILE, _FORMAT_VALUE = "archive_format", "pt2"
@@ -93,6 +94,7 @@ def check_archive(path: Path) -> None:
         UnsafeModelError: reading it would unpickle objects, load native code or evaluate
             Python text from the file.
     """
+    check_export_archive_bytes(path)  # empty, random bytes, an image: said as such
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as error:

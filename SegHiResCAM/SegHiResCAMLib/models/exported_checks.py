@@ -4,6 +4,7 @@ mode (no buffer updates, no random numbers), one image in, a tensor (or a list s
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import torch
 from torch import fx
@@ -157,14 +158,12 @@ def check_inference_program(program: torch.export.ExportedProgram, name: str) ->
                              f"{training_hint}")
 
 
-def first_user_output(program: torch.export.ExportedProgram, name: str) -> int:
-    """Index, among the graph's outputs, of the model's output (the first of a tuple or list)."""
+def user_outputs(program: torch.export.ExportedProgram) -> tuple[list[int], Any]:
+    """Indices, among the graph's outputs, of the model's own outputs, and how they nest (the
+    program's output tree spec; None when the model returns one tensor). The engine picks the
+    segmentation from a tuple, list or dict as for a Python model (``engine.capture.select_output``)."""
     from torch.export.graph_signature import OutputKind
 
+    indices = [i for i, spec in enumerate(program.graph_signature.output_specs) if spec.kind == OutputKind.USER_OUTPUT]
     spec = program.call_spec.out_spec
-    if spec is not None and not spec.is_leaf():
-        if spec.type not in (tuple, list) or not spec.children_specs or not spec.children_specs[0].is_leaf():
-            raise ModelError(f"the exported program {name} returns a {getattr(spec.type, '__name__', spec.type)}; "
-                             "a segmentation model must return a tensor (or a list whose first entry is one)")
-    kinds = [s.kind for s in program.graph_signature.output_specs]
-    return kinds.index(OutputKind.USER_OUTPUT)
+    return indices, (None if spec is None or spec.is_leaf() else spec)

@@ -20,7 +20,9 @@ what the loader read from the bundle, plans or network.
 
 from __future__ import annotations
 
+import fnmatch
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -36,7 +38,8 @@ from .weights import fit_weights, load_state_dict
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A network ready for ``explain`` (eval mode, on CPU) and the card describing it."""
+    """A network ready for ``explain`` (eval mode but for the card's ``train_mode_modules``, on CPU)
+    and the card describing it. ``explain(loaded, ...)`` takes it as it is (the card gives defaults)."""
 
     module: nn.Module
     card: ModelCard
@@ -124,6 +127,10 @@ def _load_exported(source: Path) -> LoadedModel:
 
     module = load_exported(source)
     card = fit_card(module, _with_card_beside(ModelCard(name=source.stem, **card_defaults(module)), source))
+    if card.train_mode_modules:
+        # A program's graph fixed each module's mode at export; setting flags on its stand-ins would change nothing.
+        raise ModelError(f"model card: train_mode_modules cannot apply to the exported program {source.name}, which "
+                         "runs as it was exported; remove the entry, or use the TorchScript or Python model")
     return LoadedModel(module=module.eval(), card=card, source=source, kind="exported-program")
 
 
@@ -165,21 +172,50 @@ def _load_python(source: Path, trust_code: bool) -> LoadedModel:
 def load_model(path: str | Path, *, trust_code: bool = False) -> LoadedModel:
     """Load a model and its card from ``path`` (any kind in the module docstring's table).
 
+    The network comes in evaluation mode, except the submodules that the card's
+    ``train_mode_modules`` names, which run in training mode as their owner runs them.
+
     Args:
         path: a model file or folder.
         trust_code: allow running code that comes with the model (a ``.py`` builder, or
             ``$`` expressions in a MONAI bundle's network definition).
 
     Raises:
-        ModelError: the file is missing, unreadable or not a segmentation model.
+        ModelError: the file is missing, unreadable, damaged, not a model (an image, text, an
+            archive, ...) or not a segmentation model.
         UnsafeModelError: the file would need full unpickling, or is code and ``trust_code`` is False.
         MissingDependencyError: the model needs an optional package (the message names the extra).
     """
+    loaded = _load_any(Path(path), trust_code)
+    set_train_mode_modules(loaded.module, loaded.card.train_mode_modules)
+    return loaded
+
+
+def set_train_mode_modules(module: nn.Module, patterns: Sequence[str]) -> None:
+    """Put the submodules that ``patterns`` name into training mode (each pattern a submodule path,
+    a glob over paths such as ``"*.norm*"``, or a class name such as ``"InstanceNorm3d"``).
+
+    Raises:
+        ModelError: a pattern names no submodule.
+    """
+    named = module.submodules() if hasattr(module, "submodules") else [
+        (name, sub) for name, sub in module.named_modules() if name]
+    for pattern in patterns:
+        chosen = [sub for name, sub in named
+                  if fnmatch.fnmatchcase(name, pattern) or getattr(sub, "original_name", type(sub).__name__) == pattern]
+        if not chosen:
+            examples = ", ".join(name for name, _ in named[:6])
+            raise ModelError(f"model card: train_mode_modules entry {pattern!r} names no module of the network; give "
+                             f"submodule paths (e.g. {examples}), globs over them, or class names")
+        for sub in chosen:
+            sub.train()
+
+
+def _load_any(source: Path, trust_code: bool) -> LoadedModel:
     from . import monai_models, nnunet
     from .exported_archive import is_exported_program_file
-    from .torchscript import is_torchscript_file
+    from .model_file import model_file_kind
 
-    source = Path(path)
     if not source.exists():
         raise ModelError(f"the model file {source} does not exist")
     if source.is_dir():
@@ -187,24 +223,27 @@ def load_model(path: str | Path, *, trust_code: bool = False) -> LoadedModel:
             return _load_bundle(source, trust_code)
         if nnunet.is_results_folder(nnunet.find_results_folder(source)[0]):
             return _load_nnunet(source)
+        inside = sorted(p.name for p in source.iterdir() if p.suffix in (".pt", ".pth", ".ts", ".py"))
+        hint = f"; it holds {', '.join(inside[:4])}: choose that file instead" if inside else ""
         raise ModelError(
             f"the folder {source.name} is neither a MONAI bundle (configs/inference.json, models/model.pt) nor an "
-            "nnU-Net v2 results folder (plans.json, dataset.json, fold_N/checkpoint_final.pth)"
+            f"nnU-Net v2 results folder (plans.json, dataset.json, fold_N/checkpoint_final.pth){hint}"
         )
     if source.suffix == ".py":
         return _load_python(source, trust_code)
-    if nnunet.is_results_folder(source.parent.parent) and source.parent.name.startswith("fold_"):
-        return _load_nnunet(source)
     if source.suffix == ".pt2" or is_exported_program_file(source):
-        return _load_exported(source)
-    if is_torchscript_file(source):
-        return _load_torchscript(source)
+        return _load_exported(source)  # checked by exported_archive before torch reads it
     if source.suffix == ".json":
-        data = _read_json(source)
+        _read_json(source)
         weights = next((source.with_suffix(s) for s in (".pth", ".pt") if source.with_suffix(s).is_file()), None)
         if weights is None:
             raise ModelError(f"no weights beside {source.name}: expected {source.with_suffix('.pth').name}")
         source = weights
+    kind_on_disk = model_file_kind(source)  # an empty, damaged or wrong file is refused here, saying what it is
+    if nnunet.is_results_folder(source.parent.parent) and source.parent.name.startswith("fold_"):
+        return _load_nnunet(source)
+    if kind_on_disk == "torchscript":
+        return _load_torchscript(source)
     card_path = find_card(source)
     if card_path is None:
         raise ModelError(

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import pickle
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -86,17 +85,12 @@ def _safe_numpy_globals() -> list[Any]:
 
 def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """The network weights of an nnU-Net checkpoint, read without running pickled code."""
-    try:
-        with torch.serialization.safe_globals(_safe_numpy_globals()):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:  # anything beyond tensors and plain data
-        raise UnsafeModelError(
-            f"{path.name} holds pickled Python objects besides the weights; loading it would run arbitrary "
-            "code. Re-save only the weights: torch.save({'network_weights': checkpoint['network_weights']}, "
-            "path) in a Python session you trust."
-        ) from error
-    except Exception as error:  # noqa: BLE001 - torch reports unreadable files with several types
-        raise ModelError(f"cannot read the nnU-Net checkpoint {path}: {str(error).splitlines()[0]}") from error
+    from .model_file import load_weights, model_file_kind
+
+    model_file_kind(path)  # an empty, cut-short or wrong file says what it is
+    checkpoint = load_weights(path, "Re-save only the weights: torch.save({'network_weights': "
+                                    "checkpoint['network_weights']}, path) in a Python session you trust.",
+                              _safe_numpy_globals())
     weights = checkpoint.get("network_weights", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise ModelError(f"{path.name} has no 'network_weights' state dict; is it an nnU-Net v2 checkpoint?")

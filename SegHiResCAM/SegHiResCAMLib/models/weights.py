@@ -6,29 +6,25 @@ for checkpoints). Reading never unpickles arbitrary objects: ``torch.load(..., w
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..errors import ModelError, UnsafeModelError
+from ..errors import ModelError
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Load tensors only; refuse files that would need arbitrary unpickling."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as error:
-        raise ModelError(f"the model file {path} does not exist") from error
-    except pickle.UnpicklingError as error:  # what torch's weights-only unpickler raises
-        raise UnsafeModelError(
-            f"{path.name} contains pickled Python objects, not just weights; loading it would run "
-            "arbitrary code. Save the weights with torch.save(model.state_dict(), path), or export "
-            "the network with torch.jit.script/trace, and try again."
-        ) from error
-    except Exception as error:  # noqa: BLE001 - torch reports unreadable files with several types
-        raise ModelError(f"cannot read the model file {path}: {str(error).splitlines()[0]}") from error
+    """Load tensors only; refuse files that would need arbitrary unpickling, and files that are no
+    weights (empty, damaged, an image, text, a TorchScript file: ``models.model_file``)."""
+    from .model_file import load_weights, model_file_kind
+
+    if not path.is_file():
+        raise ModelError(f"the model file {path} does not exist")
+    if model_file_kind(path) == "torchscript":
+        raise ModelError(f"{path.name} is a TorchScript file, not a state dict; choose it as the model itself")
+    state = load_weights(path, "Save the weights with torch.save(model.state_dict(), path), or export the network "
+                               "with torch.jit.script/trace, and try again.")
     for key in ("state_dict", "model", "network_weights"):  # Lightning, MONAI checkpoints, nnU-Net
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -4,8 +4,11 @@ The picture comes from ``vtkMRMLSliceLogic``: it reslices each layer along the s
 maps it through the layer's display settings (colour table, window/level, threshold) and
 blends foreground over background, exactly as a Slicer slice view does. Its output is an
 image, so no OpenGL context is needed: this works on headless machines and in CI.
-Meant for use outside the Slicer GUI (the demo, README screenshots); inside Slicer, grab
-the real view instead (``slicer.util.setSliceViewerLayers`` + ScreenCapture).
+Meant for use outside the Slicer GUI: the tests check with it what Slicer's slice views show of
+a heatmap (``heatmap_display``), headless. Inside Slicer, grab the real view instead
+(``slicer.util.setSliceViewerLayers`` + ScreenCapture). The pictures of ``explain --png``, the
+demo and the evaluation report are drawn by :mod:`SegHiResCAMLib.pictures` instead (letters,
+colour bar, title, region outline), which needs no slicer-core.
 """
 
 from __future__ import annotations

@@ -26,8 +26,8 @@ Events, one JSON object per line::
     {"event": "result", "output": "heat_hires.nrrd", "outputs": {"seg-hires-grad-cam": "heat_hires.nrrd", ...},
      "device": "cpu", "seconds": 1.3, "roi_voxels": 812, "layers": ["decoder.2"], "target_class": 1,
      "class_name": "tumour"}
-    {"event": "result", "model": "...", "layers": [{"name": "decoder.2", "type": "Conv3d", "output_shape": [...]}],
-     "default_layers": [...], "example_shape": [...], "in_channels": 2}             (a "layers" request)
+    {"event": "result", "model": "...", "layers": [{"name": "decoder.2", "type": "Conv3d", "output_shape": [...],
+     "unusable": null}], "default_layers": [...], "example_shape": [...], "in_channels": 2}  (a "layers" request)
     {"event": "error", "message": "the segment 'tumor' is empty inside the image", "type": "InputError"}
 
 Exit status: 0 after a result, 1 after an error event, 2 for an unusable request (not JSON,
