@@ -7,12 +7,9 @@ The tiling itself (tile starts, Gaussian weights) is in ``engine.tiling``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .errors import InputError
-
-if TYPE_CHECKING:
-    from .models.card import ModelCard
 
 
 @dataclass(frozen=True)
@@ -117,8 +114,9 @@ class SlidingWindow:
         return cls(**data)
 
 
-def window_for_card(card: ModelCard) -> SlidingWindow | None:
-    """How the model's own inference tiles it: the card's patch size with the step and weighting it
+def window_for_card(card) -> SlidingWindow | None:
+    """How the model's own inference tiles it (``card`` a ``models.card.ModelCard``; not imported, since
+    the card imports the settings, which import this module): the card's patch size with the step and weighting it
     names (``extra["sliding_window"]``, from a MONAI bundle's inferer), else nnU-Net's defaults."""
     if card.patch_size is None:
         return None

@@ -88,10 +88,11 @@ def plan_windows(model: nn.Module, image_shape: Sequence[int], settings: Explain
     sliced = dims < len(spatial)  # a 2D model over a volume
 
     def on_windows(window: SlidingWindow) -> WindowPlan:
-        estimate = estimate_windows(model, shape, layers=layers, classes=_classes(model, shape, dims, classes, divisible_by),
+        estimate = estimate_windows(model, shape, layers=layers, classes=_classes(model, shape, dims, classes, divisible_by, settings.output_key),
                                     window=window, methods=methods, batch_size=1,
                                     default_region=settings.region in (None, "prediction", "point"),
-                                    target=settings.target, divisible_by=divisible_by, device=device)
+                                    target=settings.target, divisible_by=divisible_by, device=device,
+                                    output_key=settings.output_key)
         return _fitting(WindowPlan(window, estimate, window_count(spatial, window)))
 
     if isinstance(choice, SlidingWindow):
@@ -103,14 +104,14 @@ def plan_windows(model: nn.Module, image_shape: Sequence[int], settings: Explain
         # an image of exactly the patch is one window of weights that cancel: one pass is the same run
         if not sliced:
             window, estimate = auto_window(model, shape, layers=layers, methods=methods, divisible_by=divisible_by,
-                                           device=device, classes=classes or 2)
+                                           device=device, classes=classes or 2, output_key=settings.output_key)
             if window is None:
                 return WindowPlan(None, estimate)
             return on_windows(window)  # the classes now counted, not guessed
     if sliced:
         return WindowPlan(None)  # slices run in batches sized to the free memory
     estimate = estimate_whole_volume(model, shape, layers=layers, classes=classes or 0, methods=methods,
-                                     divisible_by=divisible_by, device=device)
+                                     divisible_by=divisible_by, device=device, output_key=settings.output_key)
     return _fitting(WindowPlan(None, estimate))
 
 
@@ -138,7 +139,8 @@ def _static_window(model: nn.Module, dims: int) -> SlidingWindow | None:
     return SlidingWindow(tuple(fixed))
 
 
-def _classes(model: nn.Module, shape: tuple[int, ...], dims: int, known: int | None, divisible_by: int) -> int:
+def _classes(model: nn.Module, shape: tuple[int, ...], dims: int, known: int | None, divisible_by: int,
+             output_key: int | str | None) -> int:
     """The model's output channels: ``known``, else from one forward on a small zero input."""
     if known:
         return int(known)
@@ -150,4 +152,4 @@ def _classes(model: nn.Module, shape: tuple[int, ...], dims: int, known: int | N
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     probe = torch.zeros(probe_shape, dtype=_model_dtype(model), device=device)
     with prepared_model(model, device), torch.inference_mode():
-        return int(segmentation_output(model(probe), probe, 0).shape[1])
+        return int(segmentation_output(model(probe), probe, 0, output_key).shape[1])
