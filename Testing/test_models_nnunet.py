@@ -176,6 +176,9 @@ def test_region_based_model_explains_where_each_regions_sigmoid_exceeds_one_half
     from SegHiResCAMLib.engine.sliding_window import predict
     from SegHiResCAMLib.windows import window_for_card
 
-    logits = torch.from_numpy(predict(network, prepare_input(volume, loaded.card).image,
-                                      sliding_window=window_for_card(loaded.card), device="cpu"))
-    assert explanation.roi_voxels == int((logits[1] > 0).sum()) != int((logits.argmax(0) == 1).sum())
+    prepared = prepare_input(volume, loaded.card)
+    logits = torch.from_numpy(predict(network, prepared.image, sliding_window=window_for_card(loaded.card),
+                                      device="cpu"))
+    # only the image's voxels count, not the padding the preprocessing adds around it
+    inside = torch.from_numpy(np.asarray(prepared.roi_to_model(np.ones(volume.spatial_shape, bool))))
+    assert explanation.roi_voxels == int(((logits[1] > 0) & inside).sum()) != int(((logits.argmax(0) == 1) & inside).sum())
