@@ -371,6 +371,36 @@ def test_empty_region_gives_zeros_and_says_so():
     assert any("empty" in message for message in result.warnings)
 
 
+def test_the_settings_door_takes_one_settings_object_and_the_model_card_fills_what_it_leaves_open():
+    from pathlib import Path
+
+    from SegHiResCAMLib.engine.sliding_window import explain_windows_with_settings
+    from SegHiResCAMLib.models.card import ModelCard
+    from SegHiResCAMLib.models.loading import LoadedModel
+    from SegHiResCAMLib.settings import ExplainSettings
+
+    model = unet(2, 2)
+    image, window = blob_image((20, 20)), SlidingWindow((12, 12))
+    roi = np.zeros((20, 20), bool)
+    roi[3:15, 6:18] = True
+    card = ModelCard(spatial_dims=2, class_names=("background", "tumor"), layers=("bottleneck",), multilabel=True)
+    loaded = LoadedModel(module=model, card=card, source=Path("card.pt"), kind="python")
+    options = dict(methods=("seg-hires-grad-cam", "seg-grad-cam"), target="probability-threshold",
+                   target_threshold=0.3, device="cpu", relu=False, normalize=False)
+    # no layer, a class name, and multilabel (sigmoid, not softmax, in the target) left to the card
+    settings = ExplainSettings(target_class="tumor", **options)
+    got = explain_windows_with_settings(loaded, image, settings, window, roi=roi)
+    expected = explain_windows(model, image, layers=["bottleneck"], class_index=1, window=window, roi=roi,
+                               multilabel=True, **options)
+    softmax = explain_windows(model, image, layers=["bottleneck"], class_index=1, window=window, roi=roi, **options)
+    assert got.maps.keys() == expected.maps.keys() and got.roi_voxels == expected.roi_voxels > 0
+    for method, heat in expected.maps.items():
+        assert heat.any() and np.array_equal(got.maps[method], heat)  # same code path: bit for bit
+        assert not np.array_equal(softmax.maps[method], heat)  # the card's multilabel was used
+    with pytest.raises(InputError, match="'tumor' is a name; the engine takes a class index"):
+        explain_windows_with_settings(model, image, settings, window)  # a bare module has no card to look it up
+
+
 def test_cancel_between_windows_leaves_the_model_as_found():
     model = LocalNet(2, 2).train()
     model.features.train(False)

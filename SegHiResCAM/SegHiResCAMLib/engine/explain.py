@@ -34,7 +34,7 @@ from .capture import check_layers
 from .held_model import held_model
 from .job import Explanation, explain_samples
 from .registry import ENGINE_METHODS, build_methods
-from .sliding_window import explain_windows
+from .sliding_window import explain_windows_with_settings
 from .window_plan import WindowPlan, plan_windows
 
 METHOD_NAMES = tuple(ENGINE_METHODS)
@@ -204,15 +204,6 @@ def explain_with_settings(
     if plan.window is None:
         return explain_samples(model, image, settings, build_methods(settings.methods), roi=region,
                                spatial_dims=spatial_dims, progress=progress)
-    if not isinstance(settings.target_class, int):
-        raise InputError(f"the class {settings.target_class!r} is a name; the engine takes a class index, and "
-                         "class names are looked up in the model card (pipeline.explain_volume, the command line)")
-    windowed = explain_windows(
-        model, image, layers=settings.layers, class_index=settings.target_class, window=plan.window, roi=region,
-        methods=settings.methods, target=settings.target, target_threshold=settings.target_threshold,
-        slice_axis=0 if settings.slice_axis is None else settings.slice_axis, relu=settings.relu,
-        normalize=settings.normalize, multilabel=bool(settings.multilabel), probabilities=bool(settings.probabilities),
-        device=settings.device, progress=progress, batch_size=settings.batch_size, output_key=settings.output_key,
-    )
+    windowed = explain_windows_with_settings(model, image, settings, plan.window, roi=region, progress=progress)
     return Explanation(windowed.maps, windowed.device, windowed.roi_voxels, time.perf_counter() - started,
                        windowed.warnings)

@@ -4,7 +4,7 @@
 Every engine door that runs a model starts with :func:`held_model` (``engine.job.explain_samples``,
 so ``explain``, ``explain_detailed``, ``explain_with_settings`` and Kernel-Weighted Contribution;
 ``masking_scores``; ``list_layers``; ``engine.prediction.predicted_mask``; ``engine.sliding_window``'s
-``predict`` and ``explain_windows``), so ``explain(torch.jit.load(path), ...)``,
+``predict`` and ``explain_windows_with_settings``), so ``explain(torch.jit.load(path), ...)``,
 ``explain(torch.export.load(path), ...)`` and ``explain(load_model(path), ...)`` work like
 ``explain(module, ...)``.
 """

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError, LayerError, ModelError, SegHiResCAMWarning
+from ..settings import ExplainSettings
 from ..windows import SlidingWindow
 from .arrange import image_tensor, region_tensor
 from .capture import check_layers, forward_with_activations, segmentation_output
@@ -50,7 +51,7 @@ from .held_model import held_model
 from .methods import METHODS
 from .notes import empty_region_note, no_positive_evidence_notes
 from .resize import combine_layer_maps, upsample_to
-from .targets import TARGETS, per_sample_scores
+from .targets import per_sample_scores
 from .tiling import importance_map, mirror_combinations, padding_to_patch, window_corners
 
 ProgressCallback = Callable[[float, str], None]
@@ -330,13 +331,16 @@ def _accumulator_device(device: torch.device, voxels: int, planes: int) -> torch
 
 
 def _target_gradient(fused: torch.Tensor | None, roi: torch.Tensor | None, grid: _Grid, device: torch.device,
-                     class_index: int, target: str, threshold: float, multilabel: bool, probabilities: bool):
+                     settings: ExplainSettings):
     """``(dy/dZ over the padded grid for the classes that carry it, those classes, region voxels)``.
 
     For the logits target this is the region itself on class c; for the probability-threshold
     target the gradient of ``sum_p m s_c [s_c > t]`` through the fused softmax (or sigmoid).
     Every term depends on one voxel, so it is computed chunk by chunk along the first axis.
     """
+    class_index, target = int(settings.target_class), settings.target
+    scoring = dict(target=target, threshold=settings.target_threshold, multilabel=bool(settings.multilabel),
+                   probabilities=bool(settings.probabilities))
     inside = torch.zeros(grid.padded, dtype=torch.bool, device=device)
     inside[grid.inside] = True
     region = None if roi is None else grid.pad(roi.to(inside.device))
@@ -357,14 +361,12 @@ def _target_gradient(fused: torch.Tensor | None, roi: torch.Tensor | None, grid:
         logits = fused[:, part][None]
         part_roi = None if region is None else region[part][None]
         if target == "logits":
-            _, used = per_sample_scores(logits, class_index, part_roi, target=target, threshold=threshold,
-                                        multilabel=multilabel, probabilities=probabilities)
+            _, used = per_sample_scores(logits, class_index, part_roi, **scoring)
             share[0, part] = used[0] * inside[part]
         else:
             with torch.enable_grad():
                 logits = logits.detach().requires_grad_()
-                score, used = per_sample_scores(logits, class_index, part_roi, target=target, threshold=threshold,
-                                                multilabel=multilabel, probabilities=probabilities)
+                score, used = per_sample_scores(logits, class_index, part_roi, **scoring)
                 (gradient,) = torch.autograd.grad(score.sum(), logits)
             share[:, part] = gradient[0] * inside[part]
             used = used * inside[part]
@@ -448,6 +450,9 @@ def explain_windows(
 ) -> WindowedExplanation:
     """Class activation maps of the model's fused sliding-window prediction (see the module docstring).
 
+    The keyword form of :func:`explain_windows_with_settings`: it builds one
+    :class:`~SegHiResCAMLib.settings.ExplainSettings` (which checks every value) and runs it.
+
     Args:
         model: ``torch.nn.Module`` whose output is ``(N, classes, *patch)`` for an input ``(N, C, *patch)``,
             a TorchScript module or a ``LoadedModel`` (its card gives ``output_key``); it runs in its
@@ -460,13 +465,13 @@ def explain_windows(
             for c (argmax of Z; one channel or ``multilabel``: Z > 0; probability-threshold: s_c(Z) > t).
         methods: keys of ``engine.methods.METHODS`` (Kernel-Weighted Contribution runs whole-volume only).
         target: "logits" or "probability-threshold".
-        target_threshold: t for the probability-threshold target.
+        target_threshold: t for the probability-threshold target, strictly between 0 and 1.
         slice_axis: for a 2D patch over a volume, the axis of the image's spatial dims to slice along.
         relu: keep positive evidence, after stitching; False gives the signed sum of the windows' maps.
         normalize: divide by the maximum of the whole map, once, at the end.
         multilabel: independent classes (sigmoid per channel).
         probabilities: the model outputs probabilities, not logits (they are fused as they are).
-        device: "auto", "cpu" or "cuda".
+        device: "auto", "cpu", "cuda" or "cuda:N".
         mixed_precision: bf16 autocast for the forward; targets, gradients and maps in float32.
         progress: ``progress(fraction, message)`` after each batch of windows; an exception raised in it
             (``CancelledError``) stops the run between windows, the model and its hooks left as found.
@@ -477,27 +482,45 @@ def explain_windows(
     Returns:
         a :class:`WindowedExplanation`.
     """
+    settings = ExplainSettings(
+        target_class=class_index, layers=layers, methods=tuple(methods), target=target,
+        target_threshold=target_threshold, device=str(device), slice_axis=slice_axis, multilabel=multilabel,
+        probabilities=probabilities, output_key=output_key, relu=relu, normalize=normalize, batch_size=batch_size,
+        sliding_window=window,
+    )
+    return explain_windows_with_settings(model, image, settings, window, roi=roi, progress=progress,
+                                         mixed_precision=mixed_precision)
+
+
+def explain_windows_with_settings(model: nn.Module, image, settings: ExplainSettings, window: SlidingWindow, *,
+                                  roi=None, progress: ProgressCallback | None = None,
+                                  mixed_precision: bool = False) -> WindowedExplanation:
+    """Class activation maps of the model's fused prediction over ``window`` as ``settings`` say.
+
+    ``window`` is the tiling decided for this run (``settings.sliding_window`` may be "auto":
+    ``engine.window_plan`` decides it). A ``LoadedModel``'s card fills what the settings leave open
+    (``HeldModel.settings``); for a bare module None means slice axis 0, single-label logits and the
+    one output at full resolution. ``roi``, ``progress`` and ``mixed_precision`` are as in
+    :func:`explain_windows`.
+
+    Raises:
+        InputError: no layer, a class name without a model card, a method that needs the whole image,
+            a patch that does not fit the image, or a region of another shape; all before any work.
+    """
     held = held_model(model)
-    model, output_key = held.module, held.output_key(output_key)
-    layers = [layers] if isinstance(layers, str) else list(layers)
-    if not layers:
+    model, settings = held.module, held.settings(settings)
+    if not settings.layers:
         raise InputError("no layer was given; pick at least one layer to explain")
-    methods = list(methods)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise InputError(
-            f"method {unknown[0] if unknown else None!r} does not run on sliding windows; choose one of "
-            f"{', '.join(METHODS)} (Kernel-Weighted Contribution needs the whole volume)"
-        )
-    if target not in TARGETS:
-        raise InputError(f"target {target!r} is unknown; choose one of {', '.join(TARGETS)}")
-    check_layers(model, layers)
-    tensor = image_tensor(image, model)
-    grid, roi_t = _arrange(tensor, roi, window, slice_axis)
-    resolved = resolve_device(device)
+    whole = [name for name in settings.methods if name not in METHODS]
+    if whole:
+        raise InputError(f"method {whole[0]!r} does not run on sliding windows; choose one of {', '.join(METHODS)} "
+                         "(Kernel-Weighted Contribution needs the whole volume)")
+    check_layers(model, settings.layers)
+    slice_axis = 0 if settings.slice_axis is None else settings.slice_axis
+    grid, roi_t = _arrange(image_tensor(image, model), roi, window, slice_axis)
+    resolved = resolve_device(settings.device)
     notes: list[str] = list(held.notes)
-    job = _ExplainJob(model, grid, roi_t, layers, int(class_index), methods, target, float(target_threshold),
-                      multilabel, probabilities, mixed_precision, progress, batch_size, output_key)
+    job = _ExplainJob(model, grid, roi_t, settings, mixed_precision, progress)
     with prepared_model(model, resolved):
         try:
             stitched, voxels, explained = job.run(resolved)
@@ -506,14 +529,16 @@ def explain_windows(
             resolved = torch.device("cpu")
             model.to(resolved)
             stitched, voxels, explained = job.run(resolved)
+    methods, layers = settings.methods, settings.layers
     if voxels == 0:
-        notes.append(empty_region_note(target, roi is not None, int(class_index), float(target_threshold), fused=True))
+        notes.append(empty_region_note(settings.target, roi is not None, settings.target_class,
+                                       settings.target_threshold, fused=True))
     layer_maps = {(method, name): grid.restore(stitched[(method, name)]) for method in methods for name in layers}
-    if relu:
+    if settings.relu:
         layer_maps = {key: torch.relu(value) for key, value in layer_maps.items()}
         if voxels:
             notes.extend(no_positive_evidence_notes(layer_maps, methods, layers))
-    result = {method: combine_layer_maps([layer_maps[(method, name)] for name in layers], normalize)
+    result = {method: combine_layer_maps([layer_maps[(method, name)] for name in layers], settings.normalize)
               .to(torch.float32).cpu().numpy() for method in methods}
     return WindowedExplanation(result, str(resolved), voxels, tuple(notes), len(grid.corners), explained)
 
@@ -521,27 +546,24 @@ def explain_windows(
 class _ExplainJob:
     """The fused target's split over windows, then the windows' backward passes."""
 
-    def __init__(self, model, grid, roi, layers, class_index, methods, target, threshold, multilabel, probabilities,
-                 mixed_precision, progress, batch_size, output_key) -> None:
-        self.model, self.grid, self.roi, self.layers = model, grid, roi, layers
-        self.class_index, self.methods, self.target, self.threshold = class_index, methods, target, threshold
-        self.multilabel, self.probabilities = multilabel, probabilities
-        self.mixed_precision, self.progress, self.batch_size = mixed_precision, progress, batch_size
-        self.output_key = output_key
+    def __init__(self, model: nn.Module, grid: _Grid, roi: torch.Tensor | None, settings: ExplainSettings,
+                 mixed_precision: bool, progress: ProgressCallback | None) -> None:
+        self.model, self.grid, self.roi, self.settings = model, grid, roi, settings
+        self.mixed_precision, self.progress = mixed_precision, progress
 
     def run(self, device: torch.device):
-        needs_prediction = self.roi is None or self.target != "logits"
-        planes = 2 + len(self.methods) * len(self.layers) + (4 if needs_prediction else 1)
+        settings = self.settings
+        needs_prediction = self.roi is None or settings.target != "logits"
+        planes = 2 + len(settings.methods) * len(settings.layers) + (4 if needs_prediction else 1)
         accumulate_on = _accumulator_device(device, int(np.prod(self.grid.padded)), planes)
         runner = _Runner(self.model, self.grid, device, accumulate_on, self.mixed_precision, self.progress,
-                         self.batch_size, self.output_key)
+                         settings.batch_size, settings.output_key)
         denominator = runner.denominator()
         # until the region is known, assume every window will be explained after the prediction
         runner.total = len(self.grid.corners) * (2 if needs_prediction else 1)
         fused = runner.fused_logits(denominator) if needs_prediction else None
         roi = None if self.roi is None else self.roi.to(accumulate_on)
-        share, classes, voxels = _target_gradient(fused, roi, self.grid, accumulate_on, self.class_index, self.target,
-                                                  self.threshold, self.multilabel, self.probabilities)
+        share, classes, voxels = _target_gradient(fused, roi, self.grid, accumulate_on, settings)
         del fused
         todo = [corner for corner in self.grid.corners
                 if share[(slice(None), *self.grid.place(corner))].ne(0).any()]
@@ -550,5 +572,5 @@ class _ExplainJob:
             runner.progress(runner.done / max(runner.total, 1),
                             f"{len(self.grid.corners) - len(todo)} of {len(self.grid.corners)} windows have no share "
                             "of the region and are skipped")
-        maps = runner.explain(share, classes, denominator, todo, self.layers, self.methods)
+        maps = runner.explain(share, classes, denominator, todo, list(settings.layers), list(settings.methods))
         return maps, voxels, len(todo)
