@@ -85,10 +85,15 @@ def test_the_sliding_window_choice_is_declared_once_and_round_trips_through_the_
 def test_auto_and_explicit_one_pass_give_todays_whole_volume_map_exactly(models):
     model = load_model(models["plain"]).module
     image = brain_like_image(SHAPE, seed=4)[None]
-    settings = ExplainSettings(target_class=CLASS, layers=("decoder.0",), device="cpu", sliding_window=None)
+    # Signed maps: this untrained net's ReLU'd map at decoder.0 is all zeros (no positive evidence), and
+    # two zero maps would prove nothing.
+    settings = ExplainSettings(target_class=CLASS, layers=("decoder.0",), device="cpu", sliding_window=None,
+                               relu=False, normalize=False)
     today = explain_samples(model, image, settings, build_methods(settings.methods)).heatmap  # the one-pass loop
+    assert np.abs(today).max() > 0
     for choice in ("auto", None):
-        got = explain(model, image, layer="decoder.0", target_class=CLASS, device="cpu", sliding_window=choice)
+        got = explain(model, image, layer="decoder.0", target_class=CLASS, device="cpu", sliding_window=choice,
+                      relu=False, normalize=False)
         assert np.array_equal(got, today)
 
 
@@ -98,11 +103,15 @@ def test_explain_and_explain_detailed_take_a_window_and_equal_the_windowed_engin
     model = load_model(models["plain"]).module
     image = brain_like_image(SHAPE, seed=5)[None]
     window = SlidingWindow((16, 16, 16))
-    reference = explain_windows(model, image, layers=["decoder.0"], class_index=CLASS, window=window, device="cpu")
-    got = explain_detailed(model, image, layer="decoder.0", target_class=CLASS, device="cpu", sliding_window=window)
+    signed = dict(relu=False, normalize=False)  # the ReLU'd map of this untrained net is all zeros here
+    reference = explain_windows(model, image, layers=["decoder.0"], class_index=CLASS, window=window, device="cpu",
+                                **signed)
+    assert np.abs(reference.heatmap).max() > 0
+    got = explain_detailed(model, image, layer="decoder.0", target_class=CLASS, device="cpu", sliding_window=window,
+                           **signed)
     assert np.array_equal(got.heatmap, reference.heatmap) and got.roi_voxels == reference.roi_voxels
     cube = explain(model, image, layer="decoder.0", target_class=CLASS, device="cpu",
-                   sliding_window=SlidingWindow((16,)))  # one number: every axis
+                   sliding_window=SlidingWindow((16,)), **signed)  # one number: every axis
     assert np.array_equal(cube, reference.heatmap)
 
 
