@@ -172,6 +172,9 @@ def test_region_based_model_explains_where_each_regions_sigmoid_exceeds_one_half
     assert loaded.card.multilabel and loaded.card.class_names == ("whole tumour", "tumour core", "enhancing")
     volume = ct_volume()
     _, explanation = explain_volume(loaded, volume, target_class=1, layers=LAYER, device="cpu")
+    prepared = prepare_input(volume, loaded.card)
     with torch.no_grad():
-        logits = network.eval()(torch.from_numpy(prepare_input(volume, loaded.card).image)[None])[0]
-    assert explanation.roi_voxels == int((logits[1] > 0).sum()) != int((logits.argmax(0) == 1).sum())
+        logits = network.eval()(torch.from_numpy(prepared.image)[None])[0]
+    # only the image's voxels count, not the padding the preprocessing adds around it
+    inside = torch.from_numpy(np.asarray(prepared.roi_to_model(np.ones(volume.spatial_shape, bool))))
+    assert explanation.roi_voxels == int(((logits[1] > 0) & inside).sum()) != int(((logits.argmax(0) == 1) & inside).sum())

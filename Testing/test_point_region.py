@@ -178,7 +178,11 @@ def test_a_point_on_one_ball_explains_that_ball_alone(ball_model):
     for method in settings["methods"]:
         np.testing.assert_array_equal(maps[method].array, given[method].array)
     assert not np.array_equal(maps["seg-hires-grad-cam"].array, whole["seg-hires-grad-cam"].array)
-    assert explanation.warnings == ()
+    # The point is on the prediction, so no note about it; a method whose map ReLU empties says so.
+    empty = [method for method in settings["methods"] if maps[method].array.max() == 0]
+    assert "seg-hires-grad-cam" not in empty
+    assert len(explanation.warnings) == len(empty)
+    assert all("no positive evidence" in note for note in explanation.warnings)
 
 
 def test_a_point_where_nothing_is_predicted_explains_the_sphere_and_says_so(ball_model):
@@ -191,8 +195,11 @@ def test_a_point_where_nothing_is_predicted_explains_the_sphere_and_says_so(ball
     given, _ = explain_volume(ball_model, image, ExplainSettings(target_class=1, device="cpu"), roi=sphere)
     np.testing.assert_array_equal(maps["seg-hires-grad-cam"].array, given["seg-hires-grad-cam"].array)
     assert explanation.roi_voxels == int(sphere.sum())
-    (note,) = explanation.warnings
+    note, *rest = explanation.warnings
     assert note.startswith("the model predicts no voxel of class 1 at the point")
+    # ... and, where the sphere holds no positive evidence for the class, that the map is empty for it.
+    assert len(rest) == int(maps["seg-hires-grad-cam"].array.max() == 0)
+    assert all("no positive evidence" in other for other in rest)
     assert f"({int(sphere.sum())} voxels)" in note
 
 

@@ -126,6 +126,8 @@ def explain_volume(
             f"the region ({int(np.count_nonzero(roi))} voxels) covers no voxel of the model's grid once resampled "
             "to it (it is smaller than the model's voxels, or outside its crop); choose a larger region"
         )
+    if roi_model is None and settings.region_kind(False) == "prediction":
+        roi_model = _prediction_inside_image(loaded, prepared, volume, settings, card)
     explanation = explain_with_settings(
         loaded.module,
         prepared.image,
@@ -159,6 +161,24 @@ def predicted_region_on_volume(loaded, prepared, settings: ExplainSettings, card
 
     on_model_grid = predicted_mask(loaded.module, prepared.image, settings, spatial_dims=card.spatial_dims)
     return np.asarray(prepared.heatmap_to_volume(on_model_grid.astype(np.float32))) >= 0.5
+
+
+def _prediction_inside_image(loaded, prepared, volume: Volume, settings: ExplainSettings, card) -> np.ndarray | None:
+    """The "prediction" region on the model's grid, cut to the voxels that come from the image.
+
+    Padding (``divisible_by``) and crops put voxels on the model's grid that are not the image's;
+    what the model predicts there is not the image's segmentation and must neither enter the target
+    nor the region's size. None when every model voxel is an image voxel: the engine then finds
+    the prediction in the explanation's own forward pass (no extra pass).
+    """
+    inside = np.asarray(prepared.roi_to_model(np.ones(volume.spatial_shape, bool)))
+    if inside.all():
+        return None
+    if settings.target == "probability-threshold":
+        return inside  # the engine keeps the voxels above the threshold inside the given region
+    from .engine.prediction import predicted_mask
+
+    return predicted_mask(loaded.module, prepared.image, settings, spatial_dims=card.spatial_dims) & inside
 
 
 def _region_on_volume(settings: ExplainSettings, roi, volume: Volume) -> np.ndarray | None:

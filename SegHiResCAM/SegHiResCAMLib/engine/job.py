@@ -27,6 +27,7 @@ from .capture import check_layers, forward_with_activations, segmentation_output
 from .device import fitting_count, in_chunks, prepared_model, resolve_device
 from .held_model import held_model
 from .methods import HeatmapMethod, Preparation
+from .notes import empty_region_note, no_positive_evidence_notes
 from .resize import combine_layer_maps, upsample_to
 from .targets import per_sample_scores, roi_on_output_grid
 from .torch_errors import is_out_of_memory
@@ -120,23 +121,15 @@ class _Job:
             device = torch.device("cpu")
             maps, roi_voxels = self.run(samples, roi_t, device)
         if roi_voxels == 0:
-            notes.append(self._empty_region_note(roi is not None))
+            notes.append(empty_region_note(self.settings.target, roi is not None, self.class_index,
+                                           self.settings.target_threshold))
+        elif self.settings.relu:
+            notes.extend(no_positive_evidence_notes(maps, [method.name for method in self.methods], self.layers))
         result = {}
         for method in self.methods:
             combined = combine_layer_maps([maps[(method.name, name)] for name in self.layers], self.settings.normalize)
             result[method.name] = layout.restore(combined).to(torch.float32).cpu().numpy()
         return result, device, roi_voxels, notes
-
-    def _empty_region_note(self, region_given: bool) -> str:
-        if self.settings.target == "probability-threshold":
-            where = "inside the region" if region_given else "in this image"
-            note = (f"no voxel {where} has a class-{self.class_index} probability above "
-                    f"{self.settings.target_threshold}")
-        elif region_given:
-            note = "the region to explain is empty inside the image"
-        else:
-            note = f"the model predicts no voxel of class {self.class_index} in this image"
-        return note + ", so the heatmap is all zeros; choose a region or class that is present"
 
     def run(self, samples: torch.Tensor, roi: torch.Tensor | None, device: torch.device):
         count, spatial = samples.shape[0], tuple(samples.shape[2:])

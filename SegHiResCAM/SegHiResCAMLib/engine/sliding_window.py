@@ -48,6 +48,7 @@ from .capture import check_layers, forward_with_activations, segmentation_output
 from .device import fitting_count, in_chunks, is_out_of_memory, prepared_model, resolve_device
 from .held_model import held_model
 from .methods import METHODS
+from .notes import empty_region_note, no_positive_evidence_notes
 from .resize import combine_layer_maps, upsample_to
 from .targets import TARGETS, per_sample_scores
 from .tiling import importance_map, mirror_combinations, padding_to_patch, window_corners
@@ -506,25 +507,15 @@ def explain_windows(
             model.to(resolved)
             stitched, voxels, explained = job.run(resolved)
     if voxels == 0:
-        notes.append(_empty_region_note(target, roi is not None, int(class_index), float(target_threshold)))
-    result = {}
-    for method in methods:
-        per_layer = [grid.restore(stitched[(method, name)]) for name in layers]
-        if relu:
-            per_layer = [torch.relu(m) for m in per_layer]
-        result[method] = combine_layer_maps(per_layer, normalize).to(torch.float32).cpu().numpy()
+        notes.append(empty_region_note(target, roi is not None, int(class_index), float(target_threshold), fused=True))
+    layer_maps = {(method, name): grid.restore(stitched[(method, name)]) for method in methods for name in layers}
+    if relu:
+        layer_maps = {key: torch.relu(value) for key, value in layer_maps.items()}
+        if voxels:
+            notes.extend(no_positive_evidence_notes(layer_maps, methods, layers))
+    result = {method: combine_layer_maps([layer_maps[(method, name)] for name in layers], normalize)
+              .to(torch.float32).cpu().numpy() for method in methods}
     return WindowedExplanation(result, str(resolved), voxels, tuple(notes), len(grid.corners), explained)
-
-
-def _empty_region_note(target: str, given: bool, class_index: int, threshold: float) -> str:
-    if target == "probability-threshold":
-        where = "inside the region" if given else "in this image"
-        note = f"no voxel {where} has a fused class-{class_index} probability above {threshold}"
-    elif given:
-        note = "the region to explain is empty inside the image"
-    else:
-        note = f"the model's fused prediction has no voxel of class {class_index} in this image"
-    return note + ", so the heatmap is all zeros; choose a region or class that is present"
 
 
 class _ExplainJob:
