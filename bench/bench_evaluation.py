@@ -120,6 +120,7 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=CHOICES)
     parser.add_argument("--cases", nargs="+", help="case names (default: every available one)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--layers", nargs="+", help="layer names (default: the bottleneck and the last decoder stage)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--block", type=int, default=4)
     parser.add_argument("--baseline", default="blur")
@@ -155,6 +156,7 @@ def main() -> int:
             cases = available_cases(args.cases)
             loaded = load_model(DATA / f"{model_name}.pt")
             layers, target_class, class_label = layers_of(loaded), WHITE_MATTER, f"{WHITE_MATTER} (white matter)"
+        layers = args.layers or layers
         folder.mkdir(parents=True, exist_ok=True)
         results = []
         for case in cases:
