@@ -187,6 +187,9 @@ class SegHiResCAMParameterNode:
     methods, target, targetThreshold - the heatmap methods (one heatmap each, from one run) and the
         target (targetThreshold: the probability t of the probability-threshold target).
     device, sliceAxis - where and how to compute (sliceAxis only for 2D models).
+    slidingWindowsAuto, patchSize - how the model runs over the image: auto (the card's tiling, or
+        windows only when the whole image does not fit the memory), else windows of patchSize voxels
+        along every axis (0 = the whole image in one pass); see ``panel_rules.sliding_window_choice``.
     outputHeatmap - the volume that receives the (first method's) heatmap (none = create one).
     opacity, lowerThreshold, showIn3D, showColorLegend - how the heatmap is shown (live).
     sideBySide - with several methods, one linked view per heatmap.
@@ -211,6 +214,8 @@ class SegHiResCAMParameterNode:
     targetThreshold: Annotated[float, WithinRange(0.01, 0.99)] = 0.5
     device: ComputeDevice = ComputeDevice.AUTO
     sliceAxis: SliceAxis = SliceAxis.MODEL_CARD
+    slidingWindowsAuto: bool = True
+    patchSize: Annotated[int, WithinRange(0, 1024)] = 0
     outputHeatmap: vtkMRMLScalarVolumeNode
     opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     lowerThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.2
@@ -971,6 +976,7 @@ class SegHiResCAMLogic(ScriptedLoadableModuleLogic):
             InputError: a choice the settings refuse, or a point list without a placed point.
         """
         from SegHiResCAMLib.mrml.points import markup_point_ras
+        from SegHiResCAMLib.panel_rules import sliding_window_choice
         from SegHiResCAMLib.settings import DisplaySettings, ExplainSettings, RegionPoint
 
         p = parameterNode
@@ -988,6 +994,7 @@ class SegHiResCAMLogic(ScriptedLoadableModuleLogic):
             slice_axis=p.sliceAxis.axis(),
             region=p.region.value,
             point=point,
+            sliding_window=sliding_window_choice(bool(p.slidingWindowsAuto), int(p.patchSize)),
         )
         displaySettings = DisplaySettings(
             opacity=float(p.opacity), lower_threshold=float(p.lowerThreshold), show_3d=bool(p.showIn3D),

@@ -11,12 +11,14 @@ import pytest
 from SegHiResCAMLib import catalog
 from SegHiResCAMLib.errors import InputError
 from SegHiResCAMLib.settings import DisplaySettings, ExplainSettings, RegionPoint
+from SegHiResCAMLib.windows import SlidingWindow
 
 EVERY_FIELD = dict(
     target_class="white matter", layers=("bottleneck", "decoder.0"), methods=("seg-grad-cam", "seg-hires-grad-cam"),
     target="probability-threshold", target_threshold=0.25, device="cuda:1", slice_axis=2, region="point",
     point=RegionPoint((12.5, -3.0, 40.0), 4.0), multilabel=True, probabilities=False, output_key="seg", relu=False,
     normalize=False, batch_size=3,
+    sliding_window=SlidingWindow((96, 96, 80), step=0.25, gaussian=False, mirror_axes=(0, 1)),
 )
 
 

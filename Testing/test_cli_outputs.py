@@ -6,10 +6,9 @@ import hashlib
 import os
 import shutil
 
-import numpy as np
 import pytest
 import SimpleITK as sitk
-from tiny_models import save_tiny_unet, write_labels_like, write_oblique_image
+from tiny_models import save_tiny_unet, write_tiny_case
 
 from SegHiResCAMLib.cli import main
 from SegHiResCAMLib.demo_run import DATA_DIR, T1_FILE, WHITE_MATTER_FILE
@@ -18,12 +17,7 @@ from SegHiResCAMLib.demo_run import DATA_DIR, T1_FILE, WHITE_MATTER_FILE
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("outputs")
-    model = save_tiny_unet(folder)
-    reference = write_oblique_image(folder / "t1.nii.gz")
-    labels = np.zeros((16, 16, 16), np.uint8)
-    labels[5:11, 4:12, 6:10] = 1
-    write_labels_like(folder / "roi.nrrd", reference, labels)
-    return folder, model
+    return folder, write_tiny_case(folder, "t1.nii.gz")
 
 
 def digest(path) -> str:

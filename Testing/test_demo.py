@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from tiny_models import save_tiny_unet
 from tolerances import geometry_atol
 
 from SegHiResCAMLib.cli import main
-from SegHiResCAMLib.demo_run import DATA_DIR, T1_FILE, WHITE_MATTER_FILE, central_block, share_inside
+from SegHiResCAMLib.demo_run import DATA_DIR, T1_FILE, central_block, share_inside
 from SegHiResCAMLib.io.images import read_image
 from SegHiResCAMLib.volume import Volume
 
@@ -25,17 +23,9 @@ METHODS = ("seg-hires-grad-cam", "seg-grad-cam")
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """The bundled demo data; where the trained models are not bundled yet, tiny stand-ins beside the real T1."""
-    if (DATA_DIR / "demo_unet3d.pt").is_file() and (DATA_DIR / "demo_unet2d.pt").is_file():
-        return DATA_DIR
-    folder = tmp_path_factory.mktemp("demo_data")
-    for name in (T1_FILE, WHITE_MATTER_FILE):
-        shutil.copy(DATA_DIR / name, folder / name)
-    card = dict(spacing=(2.0, 2.0, 2.0), orientation="RAS", intensity={"scheme": "zscore"})
-    save_tiny_unet(folder, "demo_unet3d", **card)
-    save_tiny_unet(folder, "demo_unet2d", spatial_dims=2, channels=(4, 8, 16), **card)
-    return folder
+def data_dir() -> Path:
+    """The bundled demo data (T1, white-matter region, both trained models)."""
+    return DATA_DIR
 
 
 @pytest.fixture(scope="module")

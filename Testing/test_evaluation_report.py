@@ -5,11 +5,10 @@ from __future__ import annotations
 import csv
 import math
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_models import save_tiny_unet, write_labels_like, write_oblique_image
+from tiny_models import save_tiny_unet, write_oblique_image, write_tiny_case
 
 from SegHiResCAMLib.cli import main
 from SegHiResCAMLib.evaluation.report import read_metrics_csv
@@ -26,12 +25,7 @@ LAYERS = ("bottleneck", "decoder.0")
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
     folder = tmp_path_factory.mktemp("evaluate")
-    model = save_tiny_unet(folder)
-    reference = write_oblique_image(folder / "t1.nrrd")
-    labels = np.zeros((16, 16, 16), np.uint8)
-    labels[5:11, 4:12, 6:10] = 1
-    write_labels_like(folder / "roi.nrrd", reference, labels)
-    return folder, model
+    return folder, write_tiny_case(folder, "t1.nrrd")
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ from SegHiResCAMLib.engine.capture import forward_with_activations
 from SegHiResCAMLib.engine.explain import METHOD_NAMES
 from SegHiResCAMLib.errors import InputError, LayerError, ModelError, UnsafeModelError
 from SegHiResCAMLib.io.images import read_image, write_image
+from SegHiResCAMLib.windows import SlidingWindow
 from SegHiResCAMLib.models.card import ModelCard
 from SegHiResCAMLib.models.exported import ExportedModel
 from SegHiResCAMLib.models.exporting import export_model
@@ -375,7 +376,16 @@ def test_a_static_program_explains_its_shape_and_refuses_others_naming_the_shape
     np.testing.assert_allclose(explain(module, image, layer="decoder.0", target_class=target, device="cpu"),
                                expected, rtol=0, atol=ATOL_MAP)
     with pytest.raises(InputError, match=r"1 x 1 x 24 x 40 .*it accepts 1 x 1 x 24 x 32"):
-        explain(module, blob_image((24, 40)), layer="decoder.0", target_class=target, device="cpu")
+        explain(module, blob_image((24, 40)), layer="decoder.0", target_class=target, device="cpu",
+                sliding_window=None)
+    # "auto" (the default) runs a larger image by windows of exactly the program's shape, like the eager
+    # module given that window
+    wider = blob_image((24, 40), seed=12)
+    by_windows = explain(eager, wider, layer="decoder.0", target_class=target, device="cpu",
+                         sliding_window=SlidingWindow((24, 32)))
+    assert by_windows.max() > 0
+    np.testing.assert_allclose(explain(module, wider, layer="decoder.0", target_class=target, device="cpu"),
+                               by_windows, rtol=0, atol=ATOL_MAP)
     assert loaded.card.patch_size == (24, 32)  # what it runs on: sliding windows of that size
     # layers are probed at the one shape the program takes, whatever size is asked for
     infos = {info.name: info.output_shape for info in list_layers(module, (1, 1, 64, 64))}

@@ -172,9 +172,13 @@ def test_region_based_model_explains_where_each_regions_sigmoid_exceeds_one_half
     assert loaded.card.multilabel and loaded.card.class_names == ("whole tumour", "tumour core", "enhancing")
     volume = ct_volume()
     _, explanation = explain_volume(loaded, volume, target_class=1, layers=LAYER, device="cpu")
+    # the model runs as nnU-Net runs it (auto: windows of the plans' patch), so the region is the fused logits'
+    from SegHiResCAMLib.engine.sliding_window import predict
+    from SegHiResCAMLib.windows import window_for_card
+
     prepared = prepare_input(volume, loaded.card)
-    with torch.no_grad():
-        logits = network.eval()(torch.from_numpy(prepared.image)[None])[0]
+    logits = torch.from_numpy(predict(network, prepared.image, sliding_window=window_for_card(loaded.card),
+                                      device="cpu"))
     # only the image's voxels count, not the padding the preprocessing adds around it
     inside = torch.from_numpy(np.asarray(prepared.roi_to_model(np.ones(volume.spatial_shape, bool))))
     assert explanation.roi_voxels == int(((logits[1] > 0) & inside).sum()) != int(((logits.argmax(0) == 1) & inside).sum())

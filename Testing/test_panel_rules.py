@@ -174,3 +174,19 @@ def test_a_listing_that_fails_ends_polled_with_a_one_line_error_and_no_temp_fold
         time.sleep(0.05)
     assert job.state == "failed" and isinstance(job.error, SegHiResCAMError) and "\n" not in str(job.error)
     assert "broken.pt" in str(job.error) and not temp_dir.exists()
+
+
+def test_the_panels_sliding_window_box_and_patch_size_make_the_command_lines_choice():
+    import json
+
+    from SegHiResCAMLib.cli import build_parser, explain_settings
+    from SegHiResCAMLib.panel_rules import sliding_window_choice
+    from SegHiResCAMLib.settings import ExplainSettings
+
+    common = ["explain", "--image", "i.nrrd", "--model", "m.pt", "--class", "1", "--out", "h.nrrd"]
+    for (auto, patch), options in (((True, 0), []), ((True, 64), []), ((False, 64), ["--patch-size", "64"]),
+                                   ((False, 0), ["--whole-volume"])):
+        choice = sliding_window_choice(auto, patch)
+        assert choice == explain_settings(build_parser().parse_args(common + options)).sliding_window
+        settings = ExplainSettings(target_class=1, sliding_window=choice)  # what the worker receives
+        assert ExplainSettings.from_dict(json.loads(json.dumps(settings.to_dict()))).sliding_window == choice

@@ -164,7 +164,8 @@ def test_sliding_window_validates_and_round_trips_through_json():
     window = SlidingWindow((96, 96, 80), step=0.5, gaussian=False, mirror_axes=(0, 2))
     again = SlidingWindow.from_dict(json.loads(json.dumps(window.to_dict())))
     assert again == window and again.patch_size == (96, 96, 80) and again.mirror_axes == (0, 2)
-    for bad in [dict(patch_size=(0, 4)), dict(patch_size=(4,)), dict(patch_size=(4, 4.5)), dict(patch_size="ab"),
+    for bad in [dict(patch_size=(0, 4)), dict(patch_size=(4, 4, 4, 4)), dict(patch_size=(4,), mirror_axes=(3,)),
+                dict(patch_size=(4, 4.5)), dict(patch_size="ab"),
                 dict(patch_size=(8, 8), step=0), dict(patch_size=(8, 8), step=1.5),
                 dict(patch_size=(8, 8), step=float("nan")), dict(patch_size=(8, 8), mirror_axes=(2,)),
                 dict(patch_size=(8, 8), mirror_axes=(0, 0))]:
@@ -172,6 +173,15 @@ def test_sliding_window_validates_and_round_trips_through_json():
             SlidingWindow(**bad)
     with pytest.raises(InputError, match="unknown keys"):
         SlidingWindow.from_dict({"patch_size": [8, 8], "overlap": 0.5})
+    # one number: that size along every axis of the model, expanded once the model is known
+    cube = SlidingWindow((16,), step=0.25, mirror_axes=(1,))
+    assert cube.for_dims(3) == SlidingWindow((16, 16, 16), step=0.25, mirror_axes=(1,))
+    assert cube.for_dims(2) == SlidingWindow((16, 16), step=0.25, mirror_axes=(1,))
+    assert window.for_dims(3) is window
+    with pytest.raises(InputError, match="model is 2D"):
+        window.for_dims(2)
+    with pytest.raises(InputError, match="mirror axes"):
+        SlidingWindow((16,), mirror_axes=(2,)).for_dims(2)
 
 
 # ----------------------------------------------------------------------------- prediction

@@ -90,3 +90,13 @@ def write_labels_like(path: Path, reference: sitk.Image, labels: np.ndarray) -> 
     image = sitk.GetImageFromArray(labels.astype(np.uint8))
     image.CopyInformation(reference)
     sitk.WriteImage(image, str(path))
+
+
+def write_tiny_case(folder: Path, image_name: str = "t1.nii.gz") -> Path:
+    """A tiny U-Net file, an oblique 16^3 image and ``roi.nrrd`` (one box, label 1) beside it; the model's path."""
+    model = save_tiny_unet(folder)
+    reference = write_oblique_image(folder / image_name)
+    labels = np.zeros((16, 16, 16), np.uint8)
+    labels[5:11, 4:12, 6:10] = 1
+    write_labels_like(folder / "roi.nrrd", reference, labels)
+    return model

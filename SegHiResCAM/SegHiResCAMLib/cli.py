@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 from typing import Any, TextIO
 
-from . import __version__, catalog
+from . import __version__, catalog, window_options
 from .cohort.command import add_batch_parser
 from .errors import InputError, InternalError, SegHiResCAMError, internal_error_line, one_line
 from .warning_relay import debug_log_to, distinct, relayed_warnings
@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "through its hottest voxel in the region, with orientation letters, colour bar and title "
                          "(named like --out per method; needs matplotlib)")
     _add_device(explain)
+    window_options.add_arguments(explain)  # batch copies them with explain's other options
     _add_trust(explain)
     add_batch_parser(commands, explain)
 
@@ -208,6 +209,7 @@ def explain_settings(args: argparse.Namespace):
         target_class=_class_or_name(args.target_class), layers=tuple(args.layer or ()),
         methods=tuple(args.method or (catalog.DEFAULT_METHOD,)), target=args.target, target_threshold=args.threshold,
         device=args.device, slice_axis=args.slice_axis, region=args.region, point=_point(args, RegionPoint),
+        sliding_window=window_options.window_choice(args),
     )
 
 

@@ -17,6 +17,10 @@ class InputError(SegHiResCAMError, ValueError):
     """An input (image, region, class, option) cannot be used as given."""
 
 
+class NotEnoughMemoryError(InputError):
+    """The explanation's estimated peak memory does not fit the device: refused before the work."""
+
+
 class LayerError(SegHiResCAMError, KeyError):
     """The chosen layer does not exist or its output cannot be explained."""
 

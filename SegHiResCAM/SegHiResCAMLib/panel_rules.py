@@ -112,3 +112,15 @@ def extra_channels_to_show(in_channels: int) -> tuple[int, str]:
         f"this model takes {in_channels} input channels and the panel offers {PANEL_CHANNELS}; run it from the "
         "Python console (logic.start with extraVolumes) or the command line (one --image per channel)"
     )
+
+
+def sliding_window_choice(auto: bool, patch_size: int):
+    """``ExplainSettings.sliding_window`` of the panel's "Sliding windows: auto" box and patch size:
+    "auto" when checked; else windows of ``patch_size`` voxels along every axis of the model, or the
+    whole image in one pass for 0."""
+    from .settings import AUTO_WINDOW
+    from .windows import SlidingWindow
+
+    if auto:
+        return AUTO_WINDOW
+    return SlidingWindow((int(patch_size),)) if int(patch_size) > 0 else None

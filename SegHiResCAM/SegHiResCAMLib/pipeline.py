@@ -111,12 +111,15 @@ def explain_volume(
     if progress is not None:
         progress(0.0, "preparing the image for the model")
     prepared = prepare_input(volume, card)
+    plan = window_plan(loaded, prepared, settings, card)  # refused here, before the work, when it does not fit
+    if progress is not None:
+        progress(0.0, plan.describe())
     notes: tuple[str, ...] = ()
     if kind == "point":
         if progress is not None:
             progress(0.0, "predicting the class on the whole image to find the region at the point")
-        region = point_region(predicted_region_on_volume(loaded, prepared, settings, card), volume.ijk_to_ras,
-                              settings.point)
+        region = point_region(predicted_region_on_volume(loaded, prepared, settings, card, plan.window),
+                              volume.ijk_to_ras, settings.point)
         roi = region.mask
         if not region.predicted:  # the user pointed at a lesion the model does not see: say so
             notes = (region.describe(settings.point, settings.target_class),)
@@ -127,7 +130,7 @@ def explain_volume(
             "to it (it is smaller than the model's voxels, or outside its crop); choose a larger region"
         )
     if roi_model is None and settings.region_kind(False) == "prediction":
-        roi_model = _prediction_inside_image(loaded, prepared, volume, settings, card)
+        roi_model = _prediction_inside_image(loaded, prepared, volume, settings, card, plan.window)
     explanation = explain_with_settings(
         loaded.module,
         prepared.image,
@@ -136,6 +139,7 @@ def explain_volume(
         roi=roi_model,
         spatial_dims=card.spatial_dims,
         progress=scaled_progress(progress, _PREPARE_SHARE, 1.0 - _PREPARE_SHARE - _RESTORE_SHARE),
+        plan=plan,
     )
     if progress is not None:
         progress(1.0 - _RESTORE_SHARE, "mapping the heatmaps back onto the image grid")
@@ -148,28 +152,46 @@ def explain_volume(
     return maps, explanation
 
 
-def predicted_region_on_volume(loaded, prepared, settings: ExplainSettings, card) -> np.ndarray:
+def window_plan(loaded, prepared, settings: ExplainSettings, card):
+    """How the model goes over the prepared image (``engine.window_plan.plan_windows`` with the card's
+    own tiling, divisibility and classes): one pass or sliding windows, with its memory estimate.
+
+    Raises:
+        NotEnoughMemoryError: the chosen (or forced) way does not fit the device's memory.
+    """
+    from .engine.window_plan import plan_windows
+    from .windows import window_for_card
+
+    return plan_windows(loaded.module, np.shape(prepared.image), settings, card_window=window_for_card(card),
+                        divisible_by=card.divisible_by, spatial_dims=card.spatial_dims,
+                        classes=len(card.class_names) or None)
+
+
+def predicted_region_on_volume(loaded, prepared, settings: ExplainSettings, card, window=None) -> np.ndarray:
     """The model's predicted region of ``settings.target_class`` on the volume's own voxel grid.
 
-    The one place that predicts a whole volume for a region: the model runs on the prepared image
-    (the card's preprocessing, as the explanation sees it) with the explanation's own rule
-    (``engine.prediction.predicted_mask``), and the mask comes back as heatmaps do (voxels at least
-    half inside). When the pipeline runs models by sliding windows, this is where the windows' fused
-    prediction goes.
+    The one place that predicts a whole volume for a region (the point region, the evaluation's
+    region): the model runs on the prepared image (the card's preprocessing, as the explanation sees
+    it) with the explanation's own rule (``engine.prediction.predicted_mask``), on the fused
+    sliding-window prediction when ``window`` (the run's :class:`WindowPlan` window) is given, and
+    the mask comes back as heatmaps do (voxels at least half inside).
     """
     from .engine.prediction import predicted_mask
 
-    on_model_grid = predicted_mask(loaded.module, prepared.image, settings, spatial_dims=card.spatial_dims)
+    on_model_grid = predicted_mask(loaded.module, prepared.image, settings, spatial_dims=card.spatial_dims,
+                                   window=window)
     return np.asarray(prepared.heatmap_to_volume(on_model_grid.astype(np.float32))) >= 0.5
 
 
-def _prediction_inside_image(loaded, prepared, volume: Volume, settings: ExplainSettings, card) -> np.ndarray | None:
+def _prediction_inside_image(loaded, prepared, volume: Volume, settings: ExplainSettings, card,
+                             window=None) -> np.ndarray | None:
     """The "prediction" region on the model's grid, cut to the voxels that come from the image.
 
     Padding (``divisible_by``) and crops put voxels on the model's grid that are not the image's;
     what the model predicts there is not the image's segmentation and must neither enter the target
     nor the region's size. None when every model voxel is an image voxel: the engine then finds
-    the prediction in the explanation's own forward pass (no extra pass).
+    the prediction in the explanation's own forward pass (no extra pass). ``window``: the run's
+    sliding window, whose fused prediction is then the one cut.
     """
     inside = np.asarray(prepared.roi_to_model(np.ones(volume.spatial_shape, bool)))
     if inside.all():
@@ -178,7 +200,8 @@ def _prediction_inside_image(loaded, prepared, volume: Volume, settings: Explain
         return inside  # the engine keeps the voxels above the threshold inside the given region
     from .engine.prediction import predicted_mask
 
-    return predicted_mask(loaded.module, prepared.image, settings, spatial_dims=card.spatial_dims) & inside
+    return predicted_mask(loaded.module, prepared.image, settings, spatial_dims=card.spatial_dims,
+                          window=window) & inside
 
 
 def _region_on_volume(settings: ExplainSettings, roi, volume: Volume) -> np.ndarray | None:

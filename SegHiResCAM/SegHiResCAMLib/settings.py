@@ -25,6 +25,11 @@ from typing import Any, TypeVar
 
 from . import catalog
 from .errors import InputError
+from .windows import SlidingWindow
+
+#: ``ExplainSettings.sliding_window``'s default: windows when the model is run by windows or the
+#: whole image does not fit the memory, otherwise one pass.
+AUTO_WINDOW = "auto"
 
 _DEVICE = re.compile(r"(auto|cpu|cuda)(:\d+)?")
 S = TypeVar("S")
@@ -97,7 +102,13 @@ class ExplainSettings:
             the model card's, else the one entry at the input's full resolution.
         relu: keep only positive evidence (the methods' definition); False gives signed heatmaps.
         normalize: divide each heatmap by its maximum over the whole volume.
-        batch_size: slices per batch for 2D models over volumes; None = sized to the free memory.
+        batch_size: slices per batch for 2D models over volumes (windows per batch with sliding
+            windows); None = sized to the free memory.
+        sliding_window: how the model runs over the image: "auto" (the model's own tiling when its
+            card has a patch size, or a static-shape program's shape; otherwise one pass when the
+            memory estimate fits the device, else the largest window that fits), a
+            :class:`~SegHiResCAMLib.windows.SlidingWindow` (a dict is read as one), or None (the
+            whole image in one pass). A run that does not fit the memory is refused before the work.
     """
 
     target_class: int | str
@@ -115,7 +126,7 @@ class ExplainSettings:
     relu: bool = True
     normalize: bool = True
     batch_size: int | None = None
-    # Issue 14 adds ``sliding_window`` here (a torch-free dataclass; None = the whole volume in one pass).
+    sliding_window: SlidingWindow | str | None = AUTO_WINDOW
 
     def __post_init__(self) -> None:
         _set(self, "target_class", _class_choice(self.target_class))
@@ -154,7 +165,22 @@ class ExplainSettings:
                 raise InputError(f"batch_size must be a positive number of slices or None (sized to the free "
                                  f"memory), got {self.batch_size!r}")
             _set(self, "batch_size", int(self.batch_size))
+        self._check_window()
         self._check_methods_fit()
+
+    def _check_window(self) -> None:
+        """``sliding_window`` is "auto", None or a SlidingWindow (read from a dict)."""
+        if isinstance(self.sliding_window, Mapping):
+            _set(self, "sliding_window", SlidingWindow.from_dict(dict(self.sliding_window)))
+        if not (self.sliding_window is None or self.sliding_window == AUTO_WINDOW
+                or isinstance(self.sliding_window, SlidingWindow)):
+            raise InputError(f"sliding_window must be 'auto', None (the whole image in one pass) or a SlidingWindow "
+                             f"(a patch size), got {self.sliding_window!r}")
+        if isinstance(self.sliding_window, SlidingWindow):
+            whole = [catalog.method(name).label for name in self.methods if not catalog.method(name).gradient]
+            if whole:  # its ablations run on the whole image (``engine.kernel_weighted``)
+                raise InputError(f"{whole[0]} needs the whole image in one pass, not sliding windows; leave the "
+                                 "windows on auto (or the whole volume), or choose another method")
 
     def _check_methods_fit(self) -> None:
         """Each method supports the target kind, and a signed map when ``relu`` is off."""

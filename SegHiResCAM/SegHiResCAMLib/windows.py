@@ -7,12 +7,9 @@ The tiling itself (tile starts, Gaussian weights) is in ``engine.tiling``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .errors import InputError
-
-if TYPE_CHECKING:
-    from .models.card import ModelCard
 
 
 @dataclass(frozen=True)
@@ -21,7 +18,9 @@ class SlidingWindow:
 
     Attributes:
         patch_size: the model's input size per spatial axis of the model (2 or 3 entries), in
-            the model grid's array order (as nnU-Net's plans and MONAI's ``roi_size`` give it).
+            the model grid's array order (as nnU-Net's plans and MONAI's ``roi_size`` give it); one
+            entry means that size along every axis of the model (:meth:`for_dims` expands it once
+            the model is known: the command line's ``--patch-size 96``, the panel's patch size).
         step: the tile step as a fraction of the patch (nnU-Net's ``tile_step_size``; MONAI's
             ``overlap`` is ``1 - step``); 0 < step <= 1.
         gaussian: weight each window's outputs by nnU-Net's Gaussian importance map (sigma =
@@ -41,10 +40,10 @@ class SlidingWindow:
             exact = all(float(s) == int(s) for s in self.patch_size)
         except (TypeError, ValueError):
             patch, exact = (), False
-        if not exact or len(patch) not in (2, 3) or min(patch, default=0) < 1:
+        if not exact or len(patch) not in (1, 2, 3) or min(patch, default=0) < 1:
             raise InputError(
                 f"the patch size {self.patch_size!r} is not usable; give 2 or 3 positive whole numbers, "
-                "e.g. (128, 128, 128) for a 3D model or (512, 512) for a 2D one"
+                "e.g. (128, 128, 128) for a 3D model or (512, 512) for a 2D one (or one number for every axis)"
             )
         try:
             step = float(self.step)
@@ -56,10 +55,11 @@ class SlidingWindow:
             axes = tuple(int(a) for a in self.mirror_axes)
         except (TypeError, ValueError):
             axes = (-1,)
-        if len(set(axes)) != len(axes) or any(not 0 <= a < len(patch) for a in axes):
+        dims = 3 if len(patch) == 1 else len(patch)  # a cube's axes are checked again by for_dims
+        if len(set(axes)) != len(axes) or any(not 0 <= a < dims for a in axes):
             raise InputError(
                 f"the mirror axes {self.mirror_axes!r} must be distinct axes of the patch, "
-                f"between 0 and {len(patch) - 1}"
+                f"between 0 and {dims - 1}"
             )
         object.__setattr__(self, "patch_size", patch)
         object.__setattr__(self, "step", step)
@@ -69,6 +69,31 @@ class SlidingWindow:
     @property
     def spatial_dims(self) -> int:
         return len(self.patch_size)
+
+    def for_dims(self, dims: int) -> SlidingWindow:
+        """This window for a model with ``dims`` spatial axes: one size expanded to every axis.
+
+        Raises:
+            InputError: the patch has another number of axes than the model, or a mirror axis
+                the model does not have.
+        """
+        if len(self.patch_size) == 1:
+            return SlidingWindow(self.patch_size * dims, self.step, self.gaussian, self.mirror_axes)
+        if len(self.patch_size) != dims:
+            raise InputError(
+                f"the patch size {'x'.join(map(str, self.patch_size))} has {len(self.patch_size)} axes but the model "
+                f"is {dims}D; give {dims} sizes (or one number for every axis)"
+            )
+        return self
+
+    def describe(self) -> str:
+        """E.g. "96x96x96" (with the step and mirroring when they are not nnU-Net's defaults)."""
+        text = "x".join(map(str, self.patch_size))
+        if self.step != 0.5:
+            text += f", step {self.step:g}"
+        if self.mirror_axes:
+            text += f", mirrored along axes {', '.join(map(str, self.mirror_axes))}"
+        return text
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able values (lists for tuples)."""
@@ -89,8 +114,9 @@ class SlidingWindow:
         return cls(**data)
 
 
-def window_for_card(card: ModelCard) -> SlidingWindow | None:
-    """How the model's own inference tiles it: the card's patch size with the step and weighting it
+def window_for_card(card) -> SlidingWindow | None:
+    """How the model's own inference tiles it (``card`` a ``models.card.ModelCard``; not imported, since
+    the card imports the settings, which import this module): the card's patch size with the step and weighting it
     names (``extra["sliding_window"]``, from a MONAI bundle's inferer), else nnU-Net's defaults."""
     if card.patch_size is None:
         return None

@@ -6,6 +6,10 @@ ReLU'd at layer resolution, upsampled to the input grid and normalised by the ma
 over the whole volume. A 2D model over a volume runs slice by slice in batches, and
 slices whose region is empty are skipped (their map is zero by definition).
 
+The model runs over the image in one pass or by sliding windows (``settings.sliding_window``,
+decided with its memory estimate by ``engine.window_plan``; windows go through
+``engine.sliding_window``, exact to the model's fused prediction).
+
 ``explain`` and ``explain_detailed`` keep their keyword signatures; each builds one
 :class:`~SegHiResCAMLib.settings.ExplainSettings` and runs it through the same path as
 :func:`explain_with_settings` (``engine.job``: one loop for every method, Kernel-Weighted
@@ -14,18 +18,24 @@ Contribution included).
 
 from __future__ import annotations
 
+import time
 import warnings as _warnings
 from collections.abc import Sequence
 
 import numpy as np
 from torch import nn
 
-from ..errors import SegHiResCAMWarning
+from ..errors import InputError, SegHiResCAMWarning
 from ..progress import ProgressCallback
-from ..settings import ExplainSettings
+from ..settings import AUTO_WINDOW, ExplainSettings
+from ..windows import SlidingWindow, window_for_card
 from .arrange import region_array
+from .capture import check_layers
+from .held_model import held_model
 from .job import Explanation, explain_samples
 from .registry import ENGINE_METHODS, build_methods
+from .sliding_window import explain_windows
+from .window_plan import WindowPlan, plan_windows
 
 METHOD_NAMES = tuple(ENGINE_METHODS)
 
@@ -50,6 +60,7 @@ def explain(
     probabilities: bool | None = None,
     output_key: int | str | None = None,
     device: str = "auto",
+    sliding_window: SlidingWindow | str | None = AUTO_WINDOW,
 ) -> np.ndarray:
     r"""Class activation map of ``target_class`` over ``roi`` for one image.
 
@@ -90,6 +101,10 @@ def explain(
             the entry (index or key) that is the segmentation; None = the one entry at the
             input's full resolution (see ``engine.capture.select_output``).
         device: "auto" (CUDA if available), "cpu" or "cuda".
+        sliding_window: "auto" (one pass when the memory estimate fits, else the largest window
+            that fits; a static-shape program's own shape), a :class:`SlidingWindow` (the map of
+            the model's fused sliding-window prediction, ``engine.sliding_window``), or None (one
+            pass). A run that does not fit the memory raises NotEnoughMemoryError before the work.
 
     Returns:
         float32 array of shape ``image.shape[1:]``; all zeros, with a warning, when the
@@ -102,6 +117,7 @@ def explain(
         model, image, layer=layer, target_class=target_class, roi=roi, methods=(method,), target=target,
         threshold=threshold, spatial_dims=spatial_dims, slice_axis=slice_axis, normalize=normalize, relu=relu,
         multilabel=multilabel, probabilities=probabilities, output_key=output_key, device=device,
+        sliding_window=sliding_window,
     )
     for message in result.warnings:
         _warnings.warn(message, SegHiResCAMWarning, stacklevel=2)
@@ -128,17 +144,19 @@ def explain_detailed(
     device: str = "auto",
     progress: ProgressCallback | None = None,
     batch_size: int | None = None,
+    sliding_window: SlidingWindow | str | None = AUTO_WINDOW,
 ) -> Explanation:
     """Like :func:`explain`, for several methods from one backward pass, with facts about the run.
 
     ``progress(fraction, message)`` is called after each batch; an exception raised in it
     (``CancelledError``) stops the run with the model and hooks left as they were.
-    ``batch_size`` fixes the slices per batch (default: sized to the free memory).
+    ``batch_size`` fixes the slices (or windows) per batch (default: sized to the free memory).
     """
     settings = ExplainSettings(
         target_class=target_class, layers=() if layer is None else layer, methods=tuple(methods), target=target,
         target_threshold=threshold, device=str(device), slice_axis=slice_axis, multilabel=multilabel,
         probabilities=probabilities, output_key=output_key, relu=relu, normalize=normalize, batch_size=batch_size,
+        sliding_window=sliding_window,
     )
     return explain_with_settings(model, image, settings, roi=roi, spatial_dims=spatial_dims, progress=progress)
 
@@ -151,6 +169,7 @@ def explain_with_settings(
     roi=None,
     spatial_dims: int | None = None,
     progress: ProgressCallback | None = None,
+    plan: WindowPlan | None = None,
 ) -> Explanation:
     """Explain ``image`` ``(channels, *spatial)`` as ``settings`` say (the engine's own door).
 
@@ -162,8 +181,38 @@ def explain_with_settings(
     ``slice_axis``, ``multilabel``, ``probabilities`` and ``output_key`` means 0, False, False and
     the one output at full resolution. ``roi`` and ``settings.region`` give the region (see
     ``ExplainSettings.region_kind``).
+    ``plan``: the way over the image already decided (``pipeline.explain_volume`` decides it with
+    the model card); None decides it here from ``settings.sliding_window`` (``engine.window_plan``,
+    with a ``LoadedModel``'s card), refusing before the work a run that does not fit the memory.
     """
+    started = time.perf_counter()
     spatial_shape = tuple(np.shape(image))[1:]
     region = region_array(settings, roi, spatial_shape)
-    return explain_samples(model, image, settings, build_methods(settings.methods), roi=region,
-                           spatial_dims=spatial_dims, progress=progress)
+    if plan is None:  # (the pipeline decides it with the model card, and shows it itself)
+        held = held_model(model)
+        settings, spatial_dims = held.settings(settings), held.spatial_dims(spatial_dims, image)
+        if not settings.layers:
+            raise InputError("no layer was given; pick at least one layer to explain")
+        check_layers(held.module, settings.layers)
+        card = held.card
+        plan = plan_windows(held.module, np.shape(image), settings, spatial_dims=spatial_dims,
+                            card_window=None if card is None else window_for_card(card),
+                            divisible_by=1 if card is None else card.divisible_by,
+                            classes=None if card is None else len(card.class_names) or None)
+        if progress is not None:
+            progress(0.0, plan.describe())
+    if plan.window is None:
+        return explain_samples(model, image, settings, build_methods(settings.methods), roi=region,
+                               spatial_dims=spatial_dims, progress=progress)
+    if not isinstance(settings.target_class, int):
+        raise InputError(f"the class {settings.target_class!r} is a name; the engine takes a class index, and "
+                         "class names are looked up in the model card (pipeline.explain_volume, the command line)")
+    windowed = explain_windows(
+        model, image, layers=settings.layers, class_index=settings.target_class, window=plan.window, roi=region,
+        methods=settings.methods, target=settings.target, target_threshold=settings.target_threshold,
+        slice_axis=0 if settings.slice_axis is None else settings.slice_axis, relu=settings.relu,
+        normalize=settings.normalize, multilabel=bool(settings.multilabel), probabilities=bool(settings.probabilities),
+        device=settings.device, progress=progress, batch_size=settings.batch_size, output_key=settings.output_key,
+    )
+    return Explanation(windowed.maps, windowed.device, windowed.roi_voxels, time.perf_counter() - started,
+                       windowed.warnings)

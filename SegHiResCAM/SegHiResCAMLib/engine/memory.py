@@ -12,6 +12,8 @@ grow with the volume, only the accumulators do.
 from __future__ import annotations
 
 import math
+import os
+import re
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,12 +23,15 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from ..errors import InputError
 from ..windows import SlidingWindow
 from .capture import forward_with_activations, segmentation_output
 from .device import _available_ram, prepared_model, resolve_device
 from .methods import METHODS
 from .resize import upsample_to
 
+#: Environment variable that sets the memory an explanation may plan with (see ``available_bytes``).
+AVAILABLE_MEMORY_VARIABLE = "SEGHIRESCAM_AVAILABLE_MEMORY"
 # Share of the available memory an explanation may plan to use (the rest: the caller, the OS).
 USABLE_SHARE = 0.8
 # Memory the CPU runtime takes on its first explanation in a process beyond the tensors (oneDNN's
@@ -71,12 +76,29 @@ def _gigabytes(count: int) -> str:
 
 
 def available_bytes(device: str | torch.device) -> int:
-    """Free memory of ``device`` now: RAM available to new allocations, or free GPU memory."""
+    """Free memory of ``device`` now: RAM available to new allocations, or free GPU memory; or the
+    amount the environment variable ``SEGHIRESCAM_AVAILABLE_MEMORY`` names (bytes, or with a unit:
+    ``6GB``, ``512MB``), for a machine shared with other work, and for tests.
+
+    Raises:
+        InputError: the environment variable is not an amount of memory.
+    """
+    told = os.environ.get(AVAILABLE_MEMORY_VARIABLE, "").strip()
+    if told:
+        return _amount(told)
     resolved = resolve_device(device)
     if resolved.type == "cuda":
         free, _ = torch.cuda.mem_get_info(resolved)
         return int(free)
     return int(_available_ram())
+
+
+def _amount(text: str) -> int:
+    match = re.fullmatch(r"(\d+(?:\.\d*)?)\s*([KMGT]?)B?", text.upper())
+    if not match or float(match.group(1)) <= 0:
+        raise InputError(f"{AVAILABLE_MEMORY_VARIABLE}={text!r} is not an amount of memory; give bytes or e.g. 6GB, "
+                         "512MB, or unset it to use what the device has free")
+    return int(float(match.group(1)) * 1000 ** " KMGT".index(match.group(2) or " "))
 
 
 class _LiveTensorBytes(TorchDispatchMode):
@@ -147,6 +169,9 @@ def _scaled_sample_bytes(model: nn.Module, channels: int, spatial: Sequence[int]
                          methods: int, divisible_by: int, device: torch.device, output_key: int | str | None) -> int:
     """One sample's step at ``spatial``, from a probe at a small size scaled by the voxel ratio."""
     probe_spatial = _probe_shape(spatial, divisible_by)
+    accepted = getattr(model, "accepted_shape", None)  # a static-shape program runs at its own size only
+    if accepted is not None:
+        probe_spatial = tuple(accepted((1, channels, *probe_spatial))[2:])
     probe = torch.zeros((1, channels, *probe_spatial), device=device, dtype=_model_dtype(model))
     peak = step_peak_bytes(model, probe, layers, methods, output_key)
     return int(peak * math.prod(spatial) / math.prod(probe_spatial))

@@ -16,6 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .. import window_options
+
 DEFAULT_METHODS = ("seg-hires-grad-cam", "seg-grad-cam", "seg-grad-cam++", "seg-xgrad-cam", "seg-layer-cam")
 HELP = "score several CAM methods' maps (faithfulness, randomisation, localisation, sparseness, cost); write a report"
 DESCRIPTION = ("Explain CLASS of MODEL on IMAGE with each method at each layer, score every map with deletion/insertion, "
@@ -58,6 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where to compute (default: auto = GPU if any)")
     parser.add_argument("--trust-code", action="store_true",
                         help="allow running code that comes with the model (only for models you trust)")
+    window_options.add_arguments(parser)
 
 
 def settings_from(args: argparse.Namespace):
@@ -84,7 +87,8 @@ def settings_from(args: argparse.Namespace):
     return EvaluationSettings(methods=tuple(dict.fromkeys(args.methods)), steps=args.steps, baseline=args.baseline,
                               block=args.block, score=args.score, band_mm=args.band_mm,
                               randomisation_points=args.randomisation_points, seed=args.seed,
-                              device=str(resolve_device(args.device)))  # "auto" decided once, for the cost too
+                              device=str(resolve_device(args.device)),
+                              sliding_window=window_options.window_choice(args))  # "auto" decided once, for the cost too
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,7 +12,10 @@ grid with the region mapped there:
 
 The region is fixed once, on the unperturbed image (a given mask, or the model's own prediction),
 and never follows the perturbed prediction. :meth:`RegionScorer.model_outputs` is the ONE place
-that runs the model on an input: sliding windows, when they come, change only it.
+that runs the model on an input: with a sliding window (the explanation's, ``engine.window_plan``)
+it reads the model's fused sliding-window logits (``engine.sliding_window.predict``), the
+prediction the windowed explanation explains. The region comes from the pipeline's one prediction
+function (``pipeline.predicted_region_on_volume``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 
 from ..errors import InputError
 from ..volume import Volume
+from ..windows import SlidingWindow
 
 if TYPE_CHECKING:
     from ..models.loading import LoadedModel
@@ -44,6 +48,7 @@ class RegionScorer:
         region: bool mask of ``volume.spatial_shape`` (see :func:`resolve_region`).
         score: one of ``SCORES``.
         device: "auto", "cpu" or "cuda".
+        sliding_window: the explanation's window (a full patch, ``WindowPlan.window``), or None for one pass.
     """
 
     loaded: LoadedModel
@@ -52,6 +57,7 @@ class RegionScorer:
     region: np.ndarray
     score: str = "logits"
     device: str = "cpu"
+    sliding_window: SlidingWindow | None = None
 
     def __post_init__(self) -> None:
         if self.score not in SCORES:
@@ -87,6 +93,12 @@ class RegionScorer:
         from ..engine.targets import roi_on_output_grid
 
         card, model = self.loaded.card, self.loaded.module
+        if self.sliding_window is not None:  # the fused logits, on the model's grid like the region
+            from ..engine.sliding_window import predict
+
+            fused = predict(model, image, sliding_window=self.sliding_window, device=self.device,
+                            slice_axis=card.slice_axis, output_key=card.output_key)
+            return torch.from_numpy(fused)[None].to(torch.float64), torch.as_tensor(np.asarray(region))[None]
         samples, roi_t, _ = arrange_samples(image_tensor(image, model), region, card.spatial_dims, card.slice_axis)
         device = resolve_device(self.device)
         outputs, regions = [], []
@@ -114,18 +126,20 @@ def _region_score(output: torch.Tensor, region: torch.Tensor, class_index: int, 
 
 
 def resolve_region(loaded, volume: Volume, class_index: int, roi: np.ndarray | None = None,
-                   device: str = "cpu") -> np.ndarray:
+                   device: str = "cpu", sliding_window: SlidingWindow | None = None) -> np.ndarray:
     """The region on the volume's grid: ``roi`` as a bool mask, or the model's own prediction of the class.
 
-    The prediction (argmax == c; logit > 0 for one channel or multi-label models) is mapped back
-    from the model's grid with the explanation's inverse mapping and kept where it covers at least
-    half a voxel.
+    The prediction (argmax == c; logit > 0 for one channel or multi-label models; on the fused
+    logits with ``sliding_window``) is the pipeline's (``pipeline.predicted_region_on_volume``):
+    mapped back from the model's grid with the explanation's inverse mapping and kept where it
+    covers at least half a voxel.
 
     Raises:
         InputError: the ROI has the wrong shape.
     """
-    from ..engine.targets import predicted_roi
     from ..models.preprocess import prepare_input
+    from ..pipeline import predicted_region_on_volume
+    from ..settings import ExplainSettings
 
     if roi is not None:
         roi = np.asarray(roi)
@@ -134,22 +148,7 @@ def resolve_region(loaded, volume: Volume, class_index: int, roi: np.ndarray | N
                              "give a mask on the image's voxel grid")
         return roi.astype(bool)
     card = loaded.card
-    prepared = prepare_input(volume, card)
-    scorer = RegionScorer(loaded, volume, class_index, np.ones(volume.spatial_shape, bool), device=device)
-    output, _ = scorer.model_outputs(prepared.image, np.ones(prepared.image.shape[1:], bool))
-    predicted = predicted_roi(output, class_index, card.multilabel, card.outputs == "probabilities")
-    on_model_grid = _samples_to_model_grid(predicted.to(torch.float32), prepared.image.shape[1:], card)
-    return np.asarray(prepared.heatmap_to_volume(on_model_grid)) >= 0.5
-
-
-def _samples_to_model_grid(samples: torch.Tensor, spatial: Sequence[int], card) -> np.ndarray:
-    """``(S, *out)`` per-sample masks back to the model's input grid ``spatial`` (nearest)."""
-    import torch.nn.functional as F
-
-    dims = card.spatial_dims
-    if dims == len(spatial):
-        resized = F.interpolate(samples[:, None], size=tuple(spatial), mode="nearest")[0, 0]
-        return resized.numpy()
-    plane = tuple(s for axis, s in enumerate(spatial) if axis != card.slice_axis)
-    resized = F.interpolate(samples[:, None], size=plane, mode="nearest")[:, 0]
-    return resized.movedim(0, card.slice_axis).numpy()
+    settings = ExplainSettings(target_class=class_index, device=device, slice_axis=card.slice_axis,
+                               multilabel=card.multilabel, probabilities=card.outputs == "probabilities",
+                               output_key=card.output_key)
+    return predicted_region_on_volume(loaded, prepare_input(volume, card), settings, card, sliding_window)

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..settings import AUTO_WINDOW
 from ..volume import Volume
+from ..windows import SlidingWindow
 from .baselines import BASELINE_MAPS, baseline_map
 from .cost import measure
 from .faithfulness import DeletionInsertion, deletion_insertion, end_scores
@@ -61,6 +63,8 @@ class EvaluationSettings:
             (its randomisation values are then NaN).
         seed: seed of every random choice (ties, noise, random map, re-initialisation).
         device: "auto", "cpu" or "cuda".
+        sliding_window: as ``ExplainSettings.sliding_window`` ("auto", a SlidingWindow or None): decided
+            once per case (``pipeline.window_plan``) for the region, every map and every perturbed score.
     """
 
     methods: tuple[str, ...] = ("seg-hires-grad-cam", "seg-grad-cam")
@@ -75,6 +79,7 @@ class EvaluationSettings:
     randomised: tuple[str, ...] | None = None
     seed: int = 0
     device: str = "cpu"
+    sliding_window: SlidingWindow | str | None = AUTO_WINDOW
 
 
 @dataclass
@@ -114,11 +119,12 @@ def evaluate_case(loaded, volume: Volume, *, case: str, target_class: int, layer
     from ..errors import InputError
     from ..pipeline import explain_volume
 
-    region = resolve_region(loaded, volume, target_class, roi, settings.device)
+    window = _window(loaded, volume, target_class, layers, settings)
+    region = resolve_region(loaded, volume, target_class, roi, settings.device, window)
     if not region.any():
         raise InputError(f"the region of class {target_class} is empty in {case}: the model predicts none of it "
                          "there; give a region (--roi) or choose a class that is present")
-    scorer = RegionScorer(loaded, volume, target_class, region, settings.score, settings.device)
+    scorer = RegionScorer(loaded, volume, target_class, region, settings.score, settings.device, window)
     result = CaseResult(case, volume, region)
     spacing_kji = tuple(float(s) for s in volume.spacing[::-1])
     probe = _probe(loaded, volume)
@@ -136,7 +142,7 @@ def evaluate_case(loaded, volume: Volume, *, case: str, target_class: int, layer
         def map_of(module, method: str, layer: str = layer) -> np.ndarray:
             maps, explanation = explain_volume(dataclasses.replace(loaded, module=module), volume,
                                                target_class=target_class, roi=region, layers=(layer,),
-                                               methods=(method,), device=settings.device)
+                                               methods=(method,), device=settings.device, sliding_window=window)
             result.warnings.extend(explanation.warnings)
             return maps[method].array
 
@@ -202,3 +208,16 @@ def _probe(loaded, volume: Volume):
     samples, _, _ = arrange_samples(image_tensor(prepared.image, loaded.module), None, loaded.card.spatial_dims,
                              loaded.card.slice_axis)
     return samples[samples.shape[0] // 2:samples.shape[0] // 2 + 1]
+
+
+def _window(loaded, volume: Volume, target_class: int, layers: Sequence[str],
+            settings: EvaluationSettings) -> SlidingWindow | None:
+    """The case's way over the image (``pipeline.window_plan``), decided once for every map and score."""
+    from ..models.preprocess import prepare_input
+    from ..pipeline import settings_for_model, window_plan
+    from ..settings import ExplainSettings
+
+    explain_settings = settings_for_model(ExplainSettings(
+        target_class=target_class, layers=tuple(layers[:1]), methods=settings.methods, device=settings.device,
+        sliding_window=settings.sliding_window), loaded.card)
+    return window_plan(loaded, prepare_input(volume, loaded.card), explain_settings, loaded.card).window

@@ -220,6 +220,13 @@ class ExportedModel(nn.Module):
         """The most samples one call may take (the engine's batches respect it); None: no limit."""
         return self.input_shape.batch_limit
 
+    @property
+    def fixed_spatial_shape(self) -> tuple[int, ...] | None:
+        """The spatial size a static-shape program runs on (sliding windows of it apply to larger
+        images, ``engine.window_plan``); None when some spatial size may vary."""
+        spatial = self.input_shape.fixed[2:]
+        return None if any(size is None for size in spatial) else tuple(int(size) for size in spatial)
+
     def accepted_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
         """``shape`` with the program's fixed sizes put in (for probing layer shapes)."""
         return self.input_shape.accepted(shape)
