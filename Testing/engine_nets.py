@@ -8,10 +8,8 @@ from torch import nn
 from SegHiResCAMLib.models.unet import UNet
 
 
-def unet(spatial_dims: int = 3, classes: int = 3, dtype=torch.float32, seed: int = 0) -> UNet:
-    """A 3-level U-Net whose batch norms hold non-trivial running statistics."""
-    torch.manual_seed(seed)
-    model = UNet(spatial_dims, 1, classes, channels=(4, 8, 16)).to(dtype)
+def _with_batch_norm_statistics(model: nn.Module) -> nn.Module:
+    """``model`` in eval mode with non-trivial batch-norm statistics and affine weights (seeded by the caller)."""
     for module in model.modules():
         if isinstance(module, (nn.BatchNorm2d, nn.BatchNorm3d)):
             module.running_mean.uniform_(-0.2, 0.2)
@@ -19,6 +17,13 @@ def unet(spatial_dims: int = 3, classes: int = 3, dtype=torch.float32, seed: int
             module.weight.data.uniform_(0.5, 1.5)
             module.bias.data.uniform_(-0.2, 0.2)
     return model.eval()
+
+
+def unet(spatial_dims: int = 3, classes: int = 3, dtype=torch.float32, seed: int = 0) -> UNet:
+    """A 3-level U-Net whose batch norms hold non-trivial running statistics."""
+    torch.manual_seed(seed)
+    model = UNet(spatial_dims, 1, classes, channels=(4, 8, 16)).to(dtype)
+    return _with_batch_norm_statistics(model)
 
 
 class LocalNet(nn.Module):
@@ -87,13 +92,7 @@ def inplace_unet(spatial_dims: int = 2, seed: int = 0) -> InplaceUNet:
     """An :class:`InplaceUNet` in eval mode with non-trivial batch-norm statistics."""
     torch.manual_seed(seed)
     model = InplaceUNet(spatial_dims)
-    for module in model.modules():
-        if isinstance(module, (nn.BatchNorm2d, nn.BatchNorm3d)):
-            module.running_mean.uniform_(-0.2, 0.2)
-            module.running_var.uniform_(0.5, 1.5)
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.uniform_(-0.2, 0.2)
-    return model.eval()
+    return _with_batch_norm_statistics(model)
 
 
 class TupleLayerNet(nn.Module):

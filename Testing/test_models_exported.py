@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from engine_nets import LocalNet, inplace_unet, unet
+from engine_nets import LocalNet, TupleLayerNet, inplace_unet, unet
 from model_kinds import blob_image
 from tolerances import geometry_atol
 from torch import nn
@@ -124,20 +124,10 @@ def test_a_module_called_twice_is_refused_with_the_eager_models_message(exported
     assert str(exported_error.value) == str(eager_error.value)
 
 
-class _Pair(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 2, 3, padding=1)
-
-    def forward(self, x):
-        y = self.conv(x)
-        return y, -y
-
-
 class _UsesBoth(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.pair, self.head = _Pair(), nn.Conv2d(4, 2, 1)
+        self.pair, self.head = TupleLayerNet.Pair(), nn.Conv2d(4, 2, 1)
 
     def forward(self, x):
         return self.head(torch.cat(self.pair(x), 1))

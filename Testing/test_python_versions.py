@@ -85,22 +85,23 @@ def version_of(python: Path) -> str:
                           capture_output=True, text=True, check=True).stdout.strip()
 
 
+def _interpreter(python: Path | None, version: str, what: str) -> Path:
+    """``python``, checked to be ``version``; missing: skipped here, a failure on CI."""
+    if python is None:
+        _missing(what)
+    assert version_of(python) == version
+    return python
+
+
 @pytest.fixture(params=VERSIONS)
 def bare_python(request) -> Path:
-    python = pyenv_interpreter(request.param)
-    if python is None:
-        _missing(f"Python {request.param} (pyenv)")
-    assert version_of(python) == request.param
-    return python
+    return _interpreter(pyenv_interpreter(request.param), request.param, f"Python {request.param} (pyenv)")
 
 
 @pytest.fixture(params=VERSIONS)
 def compat_python(request) -> Path:
-    python = compat_interpreter(request.param)
-    if python is None:
-        _missing(f"the Python {request.param} environment with numpy and SimpleITK")
-    assert version_of(python) == request.param
-    return python
+    return _interpreter(compat_interpreter(request.param), request.param,
+                        f"the Python {request.param} environment with numpy and SimpleITK")
 
 
 def test_every_file_of_the_module_compiles(bare_python):

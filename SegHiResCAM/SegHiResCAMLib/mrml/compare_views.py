@@ -89,7 +89,7 @@ def show_side_by_side(scene: slicer.vtkMRMLScene, reference_volume_node, heatmap
     layout.SetViewArrangement(SIDE_BY_SIDE_LAYOUT_ID)
     names = [f"{VIEW_PREFIX}{index}" for index in range(1, len(heatmaps) + 1)]
     for name, heatmap in zip(names, heatmaps):
-        if _slice_node(scene, name) is None:
+        if _node_of_view(scene, "vtkMRMLSliceNode", name) is None:
             raise DisplayError(f"the view layout made no view '{name}'; is a layout logic watching the scene?")
         composite = _composite_node(scene, name)
         was_modifying = composite.StartModify()
@@ -103,9 +103,10 @@ def show_side_by_side(scene: slicer.vtkMRMLScene, reference_volume_node, heatmap
     return names
 
 
-def _slice_node(scene, layout_name: str):
-    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceNode")):
-        node = scene.GetNthNodeByClass(index, "vtkMRMLSliceNode")
+def _node_of_view(scene, class_name: str, layout_name: str):
+    """The scene's node of ``class_name`` that belongs to the view ``layout_name``, or None."""
+    for index in range(scene.GetNumberOfNodesByClass(class_name)):
+        node = scene.GetNthNodeByClass(index, class_name)
         if node.GetLayoutName() == layout_name:
             return node
     return None
@@ -113,10 +114,9 @@ def _slice_node(scene, layout_name: str):
 
 def _composite_node(scene, layout_name: str):
     """The view's layer node, found by layout name or made as Slicer's slice logic makes it."""
-    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
-        node = scene.GetNthNodeByClass(index, "vtkMRMLSliceCompositeNode")
-        if node.GetLayoutName() == layout_name:
-            return node
+    node = _node_of_view(scene, "vtkMRMLSliceCompositeNode", layout_name)
+    if node is not None:
+        return node
     node = scene.CreateNodeByClass("vtkMRMLSliceCompositeNode")  # the scene's default node, as Slicer does
     node.UnRegister(None)  # CreateNodeByClass is a factory method: the scene keeps the reference
     node.SetLayoutName(layout_name)
